@@ -1,0 +1,56 @@
+# llmlab: two commands do everything.
+#   make lab    set up .venv and open the notebooks in JupyterLab
+#   make test   set up .venv and run lint, unit tests and strict nbval on every notebook
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Notebooks run with 2 pytest workers, one notebook per worker at a time.
+WORKERS ?= 2
+export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: lab test install lint unit nbval notebooks check-notebooks bench clean
+
+install: $(STAMP)
+
+# Re-install only when the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+lint: install
+	$(BIN)/ruff check llmlab tests notebooks scripts benchmarks
+	$(BIN)/python scripts/nbtools.py check
+
+# Unit tests, notebook structure tests and strict nbval over every notebook, in one pytest run
+# so that it ends with a single summary line; per-notebook wall times are printed above it.
+test: lint
+	$(BIN)/python -m pytest tests notebooks -n $(WORKERS) --dist loadfile \
+	    --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	    --nbval-cell-timeout 300 --durations 10
+
+unit: install
+	$(BIN)/python -m pytest tests -n $(WORKERS)
+
+nbval: install
+	$(BIN)/python -m pytest notebooks -n $(WORKERS) --dist loadfile \
+	    --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# Re-execute every notebook in place (fresh kernel, top to bottom) to refresh stored outputs.
+# One notebook: make notebooks NB=notebooks/03_positional_encodings.ipynb
+NB ?= notebooks/*.ipynb
+notebooks: install
+	$(BIN)/python scripts/nbtools.py execute $(NB)
+
+bench: install
+	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

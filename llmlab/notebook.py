@@ -1,0 +1,79 @@
+"""Helpers every notebook's setup cell uses: seeds, thread count, version print, timing format.
+
+Notebooks are validated by strict nbval, so their outputs must be the same on every run of the
+same machine and versions. ``setup`` fixes the seeds and the number of CPU threads (reduction
+order, and so the last bits of float results, can depend on it) and prints the versions that
+matter; the setup cell is tagged ``nbval-ignore-output`` because versions differ between machines.
+Timings are volatile too: print them with ``format_seconds`` in a cell tagged ``nbval-ignore-output``.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from llmlab.shapes import check_int
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's, NumPy's and PyTorch's random generators."""
+    seed = check_int("seed", seed, minimum=0)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(seed: int = 0, threads: int = 1, device: str = "cpu") -> torch.device:
+    """Seed everything, fix the CPU thread count, print versions; return the chosen device.
+
+    ``device="auto"`` picks CUDA, then MPS, then CPU. Results in the committed outputs come from CPU.
+
+    >>> device = setup(seed=0)
+    """
+    seed_everything(seed)
+    torch.set_num_threads(check_int("threads", threads, minimum=1))
+    dev = pick_device(device)
+    import transformers  # imported here so that `import llmlab` stays light
+
+    print(
+        f"python {platform.python_version()} | torch {torch.__version__} | "
+        f"transformers {transformers.__version__} | numpy {np.__version__} | device {dev}"
+    )
+    return dev
+
+
+def pick_device(device: str = "cpu") -> torch.device:
+    """Return a torch.device; ``"auto"`` prefers CUDA, then Apple MPS, then CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def format_seconds(seconds: float) -> str:
+    """One fixed format for every printed timing: 3 significant digits with a unit (s, ms, us)."""
+    if seconds >= 1.0:
+        return f"{seconds:.3g} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Best-of-``repeat`` wall time of ``fn()`` in seconds (the minimum is the least noisy estimate)."""
+    for _ in range(check_int("warmup", warmup, minimum=0)):
+        fn()
+    best = float("inf")
+    for _ in range(check_int("repeat", repeat, minimum=1)):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -1,0 +1,100 @@
+"""Shape letters and argument checks shared by every llmlab module.
+
+Every line in llmlab that creates or reshapes a tensor carries a shape comment such as
+``# (B, H, T, D)``. The letters mean the same thing everywhere; they are defined here, once.
+Public entry points validate their inputs with the helpers below, so that bad input raises a
+``TypeError`` or ``ValueError`` naming the argument, what was expected and what was given,
+instead of a broadcasting error deep inside a matmul or a silent NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from numbers import Integral, Real
+
+import torch
+
+SHAPE_LETTERS: dict[str, str] = {
+    "B": "batch size",
+    "T": "time: query / sequence positions",
+    "S": "source: key / value positions when they differ from T (cached decoding)",
+    "C": "channels: model width (hidden size)",
+    "H": "attention (query) heads",
+    "K": "key / value heads (K = H for MHA, 1 for MQA, 1 < K < H for GQA)",
+    "D": "head dimension (C = H * D)",
+    "F": "feed-forward hidden width",
+    "V": "vocabulary size",
+    "E": "experts in a mixture-of-experts layer",
+    "R": "rank of a low-rank (LoRA) update",
+    "N": "a flattened count of items (tokens, blocks, positions)",
+}
+
+
+def _fmt_shape(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def check_tensor(name: str, x: object, ndim: int | tuple[int, ...] | None = None, layout: str = "") -> None:
+    """Raise unless ``x`` is a tensor with ``ndim`` dimensions (an int or a tuple of allowed ints).
+
+    ``layout`` is the expected shape in shape letters, e.g. ``"(B, H, T, D)"``; it goes in the message.
+
+    >>> check_tensor("x", torch.zeros(2, 3), ndim=2, layout="(T, C)")
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}".rstrip() + f", got {type(x).__name__}")
+    if ndim is None:
+        return
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.dim() not in allowed:
+        want = " or ".join(str(a) for a in allowed)
+        raise ValueError(
+            f"{name} must have {want} dimensions {layout}".rstrip()
+            + f", got {x.dim()} dimensions with shape {_fmt_shape(x.shape)}"
+        )
+
+
+def check_int(name: str, value: object, minimum: int | None = None) -> int:
+    """Return ``value`` as an int; raise unless it is an integer (not bool) and at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_float(
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a float; raise unless it is a finite real number in the given interval.
+
+    ``low_open=True`` excludes ``low`` itself (e.g. a base that must be > 0).
+
+    >>> check_float("top_p", 0.9, 0.0, 1.0, low_open=True)
+    0.9
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    left = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    right = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+    ok = v == v and abs(v) != float("inf")
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        raise ValueError(f"{name} must be a finite number in {left}, {right}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in options)}; got {value!r}")
