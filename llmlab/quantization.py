@@ -1,0 +1,402 @@
+"""Weight quantization: 4-bit NormalFloat (NF4) with double quantization, QLoRA, and int8 helpers.
+
+What it implements
+- ``NF4_LEVELS``: the 16 NormalFloat-4 code values as published (QLoRA paper, Dettmers et al. 2023,
+  appendix E; the same table is bitsandbytes' ``get_4bit_type("nf4")``), and ``nf4_levels_from_normal``,
+  which derives them from N(0, 1) quantiles the way the paper describes: 8 quantiles for the positive
+  half, 7 for the negative half, an exact zero, all divided by the largest so they span [-1, 1].
+- ``quantize_nf4`` / ``dequantize_nf4``: block-wise absmax quantization (block 64: each block of 64
+  weights is divided by its largest magnitude and each value is replaced by the index of the nearest
+  level), two 4-bit indices packed per byte (``pack_4bit``; first value in the high nibble as in
+  bitsandbytes), and optional double quantization of the fp32 block scales: subtract their mean, then
+  quantize them to 8 bits in blocks of 256 (QLoRA section 3). Memory: 4 + 32/64 = 4.5 bits per weight
+  without double quantization, 4 + 8/64 + 32/(64 * 256) = 4.127 with it (``bits_per_parameter``).
+- ``NF4Linear``: a frozen linear layer stored in NF4 and dequantized on the fly for each matmul, and
+  ``QLoRALinear`` = ``NF4Linear`` base + a ``LoRALinear`` update in the compute precision; ``prepare_qlora``
+  does this to every matching layer of a model.
+- int8 helpers for the quantization notebook: symmetric absmax (``absmax_quantize``) and asymmetric
+  zero-point (``zeropoint_quantize``) quantization, per tensor or per row.
+
+Difference from bitsandbytes, on purpose: the second-level (double) quantization here uses plain
+symmetric int8 codes with one absmax per block of 256; bitsandbytes stores the scales in its 8-bit
+"dynamic" float format. The memory is the same; the rounding of each scale differs slightly. Left out:
+paged optimizers, FP4, CUDA kernels (dequantization here is plain PyTorch, so it runs anywhere but
+saves memory only in storage, not in the matmul). Shape letters follow ``llmlab.shapes`` (N counts
+flattened weights or blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmlab.lora import (
+    LoRAConfig,
+    LoRALinear,
+    _check_module,
+    _no_match_error,
+    find_linear_modules,
+    mark_only_adapters_trainable,
+    replace_module,
+)
+from llmlab.shapes import check_int, check_tensor
+
+# The NF4 table as published: QLoRA paper appendix E, and bitsandbytes/functional.py (get_4bit_type,
+# "nf4"). Typed in by hand; tests check that nf4_levels_from_normal() reproduces it.
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)  # (16,)
+
+# The outermost quantile: the average of the quantile widths 1/(2*15) and 1/(2*16) is cut from the
+# tail, because the quantile function of N(0, 1) is infinite at probability 1.
+NF4_OFFSET = 1.0 - 0.5 * (1.0 / 30.0 + 1.0 / 32.0)  # = 0.96770833...
+
+
+@dataclass(frozen=True)
+class NF4Config:
+    """How a weight is stored in NF4."""
+
+    block_size: int = 64  # weights per absmax block (QLoRA uses 64)
+    double_quant: bool = True  # quantize the fp32 block scales to 8 bits as well
+    scale_block_size: int = 256  # block scales per second-level block (QLoRA uses 256)
+
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size, minimum=2)
+        if self.block_size % 2:
+            raise ValueError(f"block_size must be even (two 4-bit codes share a byte), got {self.block_size}")
+        check_int("scale_block_size", self.scale_block_size, minimum=1)
+
+    @classmethod
+    def qlora(cls) -> NF4Config:
+        """The QLoRA paper's setting: block 64, double quantization with block 256."""
+        return cls(block_size=64, double_quant=True, scale_block_size=256)
+
+    @classmethod
+    def no_double_quant(cls) -> NF4Config:
+        """Block 64 with fp32 scales: 4.5 bits per weight."""
+        return cls(block_size=64, double_quant=False)
+
+
+def nf4_levels_from_normal(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """Derive the 16 NF4 levels from N(0, 1) quantiles (QLoRA section 3, "4-bit NormalFloat"). (16,)
+
+    Positive half: 8 quantiles at probabilities spaced evenly from ``offset`` down to 0.5 (the 0.5
+    one, which is 0, dropped); negative half: 7 the same way, mirrored; plus an exact 0. The halves
+    differ in size so that zero is represented exactly with 16 codes. Normalised to [-1, 1].
+    """
+    probs_pos = torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1]  # (8,)
+    probs_neg = torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1]  # (7,)
+    pos = torch.special.ndtri(probs_pos)  # (8,) the inverse normal CDF
+    neg = -torch.special.ndtri(probs_neg)  # (7,)
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values  # (16,)
+    return (levels / levels.abs().max()).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+
+
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, the first in the high nibble. codes (N,) uint8 in [0, 15] -> (N/2,) uint8."""
+    check_tensor("codes", codes, ndim=1, layout="(N,)")
+    if codes.numel() % 2:
+        raise ValueError(f"codes must have an even length to pack two per byte, got {codes.numel()}")
+    pairs = codes.to(torch.uint8).view(-1, 2)  # (N/2, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]  # (N/2,)
+
+
+def unpack_4bit(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_4bit``: (N/2,) uint8 -> (N,) uint8 codes in [0, 15]."""
+    check_tensor("packed", packed, ndim=1, layout="(N/2,)")
+    high, low = packed >> 4, packed & 0x0F  # (N/2,) each
+    return torch.stack([high, low], dim=1).reshape(-1)  # (N,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-wise absmax
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flatten and zero-pad to whole blocks. (...) -> (N, block_size)"""
+    flat = x.reshape(-1)  # (N,)
+    pad = (-flat.numel()) % block_size
+    return F.pad(flat, (0, pad)).view(-1, block_size)  # (N / block_size, block_size)
+
+
+def _nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level for each value (levels sorted). Same shape as x, uint8."""
+    midpoints = (levels[1:] + levels[:-1]) / 2  # (15,) decision boundaries
+    return torch.bucketize(x, midpoints).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class QuantizedScales:
+    """fp32 block scales stored as int8 codes: scale = codes / 127 * absmax + offset (double quantization)."""
+
+    codes: torch.Tensor  # (N,) int8, one per first-level block
+    absmax: torch.Tensor  # (N / scale_block_size,) fp32, one per second-level block
+    offset: torch.Tensor  # () fp32: the mean subtracted before quantizing (scales are all positive)
+    block_size: int  # scales per second-level block
+
+
+def quantize_scales(scales: torch.Tensor, block_size: int = 256) -> QuantizedScales:
+    """Double quantization: center the positive fp32 scales on their mean, then int8 absmax per block."""
+    offset = scales.mean()  # ()
+    blocks = _blocks(scales - offset, block_size)  # (N2, 256)
+    absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (N2,)
+    codes = torch.round(blocks / absmax[:, None] * 127).to(torch.int8)  # (N2, 256)
+    return QuantizedScales(codes.reshape(-1)[: scales.numel()], absmax, offset, block_size)
+
+
+def dequantize_scales(q: QuantizedScales) -> torch.Tensor:
+    """Inverse of ``quantize_scales`` (up to rounding). (N,) fp32"""
+    blocks = _blocks(q.codes.to(torch.float32), q.block_size)  # (N2, 256)
+    scales = blocks * (q.absmax[:, None] / 127) + q.offset  # (N2, 256)
+    return scales.reshape(-1)[: q.codes.numel()]  # (N,)
+
+
+@dataclass(frozen=True)
+class NF4Tensor:
+    """A weight stored in NF4: packed codes + block scales (fp32, or double-quantized)."""
+
+    packed: torch.Tensor  # (N/2,) uint8, two 4-bit level indices per byte
+    scales: torch.Tensor | QuantizedScales  # (N / block_size,) fp32 absmax per block, or its 8-bit form
+    shape: tuple[int, ...]  # the original weight shape
+    block_size: int  # weights per block
+
+    def storage_bits(self) -> int:
+        """Bits actually held by the tensors (codes, scales, second-level scales, offset)."""
+        tensors = [self.packed]
+        if isinstance(self.scales, QuantizedScales):
+            tensors += [self.scales.codes, self.scales.absmax, self.scales.offset.reshape(1)]
+        else:
+            tensors.append(self.scales)
+        return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+    def bits_per_parameter(self) -> float:
+        """Measured storage per original weight, e.g. about 4.127 for block 64 with double quantization."""
+        return self.storage_bits() / torch.Size(self.shape).numel()
+
+
+def quantize_nf4(weight: torch.Tensor, config: NF4Config | None = None) -> NF4Tensor:
+    """Block-wise absmax NF4 quantization of any float tensor.
+
+    >>> q = quantize_nf4(torch.randn(64, 32))
+    >>> dequantize_nf4(q).shape
+    torch.Size([64, 32])
+    """
+    check_tensor("weight", weight)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    config = config or NF4Config()
+    blocks = _blocks(weight.detach().to(torch.float32), config.block_size)  # (N / 64, 64)
+    absmax = blocks.abs().amax(dim=1)  # (N / 64,)
+    normalized = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (N / 64, 64) in [-1, 1]
+    codes = _nearest_level(normalized, NF4_LEVELS.to(weight.device))  # (N / 64, 64)
+    scales = quantize_scales(absmax, config.scale_block_size) if config.double_quant else absmax
+    return NF4Tensor(pack_4bit(codes.reshape(-1)), scales, tuple(weight.shape), config.block_size)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Levels times block scales, reshaped back to the original shape. (same shape as the weight)"""
+    absmax = dequantize_scales(q.scales) if isinstance(q.scales, QuantizedScales) else q.scales  # (N / 64,)
+    levels = NF4_LEVELS.to(q.packed.device)[unpack_4bit(q.packed).long()]  # (N,)
+    values = levels.view(-1, q.block_size) * absmax[:, None]  # (N / 64, 64)
+    numel = torch.Size(q.shape).numel()
+    return values.reshape(-1)[:numel].view(q.shape).to(dtype)  # (original shape)
+
+
+def bits_per_parameter(block_size: int = 64, double_quant: bool = True, scale_block_size: int = 256) -> float:
+    """Storage per weight: 4 bits + fp32 scale / block, or 4 + 8 / block + 32 / (block * scale_block).
+
+    >>> round(bits_per_parameter(64, double_quant=True), 3), bits_per_parameter(64, double_quant=False)
+    (4.127, 4.5)
+    """
+    block_size = check_int("block_size", block_size, minimum=1)
+    if not double_quant:
+        return 4 + 32 / block_size
+    scale_block_size = check_int("scale_block_size", scale_block_size, minimum=1)
+    return 4 + 8 / block_size + 32 / (block_size * scale_block_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 and dequantized for each forward.
+
+    x (..., in) -> (..., out). Build it with ``NF4Linear.from_linear(linear)``.
+    """
+
+    def __init__(
+        self, weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.block_size = weight.block_size
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_packed", weight.packed)  # (N/2,) uint8
+        self.double_quant = isinstance(weight.scales, QuantizedScales)
+        if self.double_quant:
+            self.scale_block_size = weight.scales.block_size
+            self.register_buffer("absmax_codes", weight.scales.codes)  # (N / 64,) int8
+            self.register_buffer("absmax_absmax", weight.scales.absmax)  # (N / 16384,) fp32
+            self.register_buffer("absmax_offset", weight.scales.offset)  # () fp32
+        else:
+            self.register_buffer("absmax", weight.scales)  # (N / 64,) fp32
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)  # (out,)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, config: NF4Config | None = None, compute_dtype: torch.dtype | None = None
+    ) -> NF4Linear:
+        """Quantize an ``nn.Linear``; compute in ``compute_dtype`` (default: the linear's dtype)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        dtype = compute_dtype or linear.weight.dtype
+        return cls(quantize_nf4(linear.weight, config), linear.bias, dtype)
+
+    def nf4_tensor(self) -> NF4Tensor:
+        """The stored weight as an ``NF4Tensor``."""
+        if self.double_quant:
+            scales = QuantizedScales(self.absmax_codes, self.absmax_absmax, self.absmax_offset, self.scale_block_size)
+        else:
+            scales = self.absmax
+        return NF4Tensor(self.weight_packed, scales, (self.out_features, self.in_features), self.block_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with. (out, in)"""
+        return dequantize_nf4(self.nf4_tensor(), self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)  # (..., out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+
+class QLoRALinear(LoRALinear):
+    """QLoRA (Dettmers et al. 2023): a frozen NF4 base weight plus LoRA in the compute precision.
+
+    y = x W_nf4^T + b + s * B(A(dropout(x))); gradients flow through the dequantized weight into x,
+    but only A and B are trained.
+
+    >>> layer = QLoRALinear(nn.Linear(64, 64), r=4, alpha=8.0)
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        nf4: NF4Config | None = None,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(NF4Linear.from_linear(linear, nf4, compute_dtype), r, alpha, dropout, use_rslora)
+
+    @torch.no_grad()
+    def dequantize_and_merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight dequantize(W_nf4) + s B A: QLoRA's way to ship a merged model."""
+        base = self.base_layer
+        weight = base.dequantized_weight() + self.delta_weight().to(base.compute_dtype)  # (out, in)
+        linear = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        return linear
+
+
+def prepare_qlora(
+    model: nn.Module, config: LoRAConfig, nf4: NF4Config | None = None, compute_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Replace every matching ``nn.Linear`` by a ``QLoRALinear`` (in place) and freeze the rest.
+
+    >>> model = prepare_qlora(model, LoRAConfig.all_linear(r=16))
+    """
+    _check_module("model", model)
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    names = find_linear_modules(model, config.target_modules, skip=(LoRALinear,))
+    if not names:
+        raise _no_match_error(model, config.target_modules)
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = QLoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, nf4, compute_dtype)
+        replace_module(model, name, layer)
+    mark_only_adapters_trainable(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 helpers
+
+
+def absmax_quantize(x: torch.Tensor, dim: int | None = None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization: q = round(x / s), s = max|x| / (2^(bits-1) - 1), per tensor or along ``dim``.
+
+    Returns (q int8, s) with s broadcastable to x. Zero maps to zero exactly.
+    """
+    check_tensor("x", x)
+    bits = check_int("bits", bits, minimum=2)
+    if bits > 8:
+        raise ValueError(f"bits must be <= 8 for int8 storage, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)  # () or x with dim = 1
+    scale = amax.clamp_min(torch.finfo(torch.float32).tiny) / qmax
+    return torch.round(x / scale).clamp(-qmax, qmax).to(torch.int8), scale
+
+
+def absmax_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x ~ q * s."""
+    return q.to(scale.dtype) * scale
+
+
+def zeropoint_quantize(x: torch.Tensor, dim: int | None = None, bits: int = 8) -> tuple[torch.Tensor, ...]:
+    """Asymmetric quantization onto [0, 2^bits - 1]: q = round(x / s) + z, with s = (max - min) / (2^bits - 1).
+
+    Returns (q uint8, s, z); uses the whole code range even when x is all positive (e.g. after ReLU).
+    """
+    check_tensor("x", x)
+    bits = check_int("bits", bits, minimum=2)
+    if bits > 8:
+        raise ValueError(f"bits must be <= 8 for uint8 storage, got {bits}")
+    qmax = 2**bits - 1
+    lo = x.amin() if dim is None else x.amin(dim=dim, keepdim=True)
+    hi = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+    scale = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny) / qmax
+    zero_point = torch.round(-lo / scale)
+    q = (torch.round(x / scale) + zero_point).clamp(0, qmax).to(torch.uint8)
+    return q, scale, zero_point
+
+
+def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """x ~ (q - z) * s."""
+    return (q.to(scale.dtype) - zero_point) * scale
