@@ -1,0 +1,116 @@
+"""llmlab.moe against transformers' Mixtral sparse MoE block and load-balancing loss, plus the
+capacity and statistics invariants."""
+
+import math
+
+import pytest
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+
+from llmlab.moe import SparseMoE, capacity_keep, load_balancing_loss, route
+
+C, F_HIDDEN, E = 16, 24, 4
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def pair(top_k=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(hidden_size=C, intermediate_size=F_HIDDEN, num_local_experts=E, num_experts_per_tok=top_k,
+                        num_attention_heads=4, num_key_value_heads=4)
+    ref = MixtralSparseMoeBlock(cfg).eval()
+    ours = SparseMoE(C, F_HIDDEN, E, top_k=top_k).eval()
+    with torch.no_grad():
+        ref.gate.weight.copy_(ours.gate.weight)
+        gate_up = [torch.cat([ex.gate_proj.weight, ex.up_proj.weight]) for ex in ours.experts]  # each (2F, C)
+        ref.experts.gate_up_proj.copy_(torch.stack(gate_up))  # (E, 2F, C)
+        ref.experts.down_proj.copy_(torch.stack([ex.down_proj.weight for ex in ours.experts]))  # (E, C, F)
+    return ours, ref
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_sparse_moe_equals_mixtral_block(top_k):
+    ours, ref = pair(top_k)
+    x = torch.randn(3, 5, C)
+    out, stats = ours(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x), **TOL)
+    logits_ref, weights_ref, idx_ref = ref.gate(x.reshape(-1, C))
+    weights, idx = route(stats.router_logits, top_k)
+    torch.testing.assert_close(stats.router_logits, logits_ref, **TOL)
+    torch.testing.assert_close(weights, weights_ref, **TOL)
+    assert torch.equal(idx, idx_ref) and torch.equal(stats.expert_indices, idx_ref)
+
+
+def test_load_balancing_loss_equals_transformers():
+    g = torch.Generator().manual_seed(0)
+    layers = tuple(torch.randn(12, E, generator=g) for _ in range(3))
+    for top_k in (1, 2):
+        ref = load_balancing_loss_func(layers, E, top_k)
+        torch.testing.assert_close(load_balancing_loss(layers, top_k), ref, **TOL)
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # (B, S), N = B * S = 12
+    ref = load_balancing_loss_func(layers, E, 2, attention_mask)
+    torch.testing.assert_close(load_balancing_loss(layers, 2, token_mask=attention_mask.reshape(-1)), ref, **TOL)
+
+
+def test_load_balancing_loss_is_k_when_balanced_and_larger_when_collapsed():
+    balanced = torch.zeros(8, E)  # uniform probabilities; ties give every expert the same count below
+    balanced[torch.arange(8), torch.arange(8) % E] = 1e-3
+    torch.testing.assert_close(load_balancing_loss(balanced, top_k=1), torch.tensor(1.0), rtol=1e-3, atol=1e-3)
+    collapsed = torch.zeros(8, E)
+    collapsed[:, 0] = 10.0  # every token prefers expert 0
+    assert load_balancing_loss(collapsed, top_k=1) > 3.5  # approaches E
+
+
+def test_aux_loss_gradient_reaches_the_router():
+    moe = SparseMoE(C, F_HIDDEN, E, top_k=2)
+    _, stats = moe(torch.randn(2, 6, C))
+    load_balancing_loss(stats.router_logits, 2).backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_route_without_renormalization_keeps_probabilities():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+    weights, idx = route(logits, 1, renormalize=False)
+    assert idx.tolist() == [[1]]
+    torch.testing.assert_close(weights, torch.softmax(logits, -1)[:, 1:2])
+    torch.testing.assert_close(route(logits, 1)[0], torch.ones(1, 1))
+
+
+def test_capacity_keep_serves_first_choices_first():
+    indices = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])  # (N, k)
+    keep = capacity_keep(indices, n_experts=3, capacity=2)
+    # expert 0: first choices of tokens 0 and 1 fit, token 2's first choice and token 3's second do not;
+    # expert 1: token 3's first choice, then token 0's second choice; token 2's second choice is dropped.
+    assert keep.tolist() == [[True, True], [True, True], [False, False], [True, False]]
+
+
+def test_capacity_drops_and_counts_overflow():
+    ours, _ = pair(2)
+    x = torch.randn(2, 8, C)
+    unlimited, base = ours(x)
+    assert base.capacity is None and int(base.dropped_per_expert.sum()) == 0
+    assert int(base.tokens_per_expert.sum()) == 2 * 8 * 2
+    ours.capacity_factor = 100.0
+    roomy, stats = ours(x)
+    torch.testing.assert_close(roomy, unlimited)
+    ours.capacity_factor = 0.5
+    tight, stats = ours(x)
+    assert stats.capacity == math.ceil(0.5 * 16 * 2 / E)
+    assert torch.all(stats.tokens_per_expert - stats.dropped_per_expert <= stats.capacity)
+    assert int(stats.dropped_per_expert.sum()) >= 32 - E * stats.capacity
+    assert 0 < stats.dropped_fraction < 1
+    assert not torch.allclose(tight, unlimited)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="top_k must be <= n_experts"):
+        SparseMoE(C, F_HIDDEN, 2, top_k=3)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        SparseMoE(C, F_HIDDEN, E, capacity_factor=0.0)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        SparseMoE(C, F_HIDDEN, E)(torch.randn(4, C))
+    with pytest.raises(ValueError, match="router_logits must have 2 dimensions"):
+        route(torch.randn(4), 1)
+    with pytest.raises(ValueError, match="at least one"):
+        load_balancing_loss([], 1)
