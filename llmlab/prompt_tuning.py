@@ -65,8 +65,10 @@ class ModelGeometry:
         """Read the sizes from llmlab's ``ModelConfig`` or a transformers config."""
         cfg = getattr(model, "config", None)
         if cfg is None:
-            raise TypeError(f"model must have a .config (llmlab ModelConfig or transformers config), got "
-                            f"{type(model).__name__} without one")
+            raise TypeError(
+                f"model must have a .config (llmlab ModelConfig or transformers config), got "
+                f"{type(model).__name__} without one"
+            )
         if hasattr(cfg, "n_layer"):  # llmlab ModelConfig
             return cls(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head)
         heads = cfg.num_attention_heads
@@ -89,8 +91,10 @@ def input_embedding(model: nn.Module) -> nn.Embedding:
     inner = getattr(model, "model", None)
     if inner is not None and isinstance(getattr(inner, "embed_tokens", None), nn.Embedding):
         return inner.embed_tokens
-    raise TypeError(f"model must expose its token embedding (get_input_embeddings or .model.embed_tokens), "
-                    f"got {type(model).__name__}")
+    raise TypeError(
+        f"model must expose its token embedding (get_input_embeddings or .model.embed_tokens), "
+        f"got {type(model).__name__}"
+    )
 
 
 def freeze(model: nn.Module) -> None:
@@ -165,8 +169,14 @@ class PromptEncoder(nn.Module):
         self.encoder = config.encoder
         self.embedding = nn.Embedding(n, c)  # weight (N, C): the pseudo tokens
         if config.encoder == "lstm":
-            self.lstm_head = nn.LSTM(c, h, num_layers=config.encoder_num_layers, dropout=config.encoder_dropout,
-                                     bidirectional=True, batch_first=True)
+            self.lstm_head = nn.LSTM(
+                c,
+                h,
+                num_layers=config.encoder_num_layers,
+                dropout=config.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+            )
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, c))
         else:
             self.mlp_head = nn.Sequential(nn.Linear(c, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, c))
@@ -345,8 +355,9 @@ def prefix_cache(model: nn.Module, prefixes: list[tuple[torch.Tensor, torch.Tens
     llmlab's ``LLM`` gets a ``KVCache``; transformers models a ``DynamicCache``. Build a new one for
     every forward: the model appends the input's keys and values to it.
     """
-    expanded = [(k[None].expand(batch_size, -1, -1, -1), v[None].expand(batch_size, -1, -1, -1))
-                for k, v in prefixes]  # each (B, K, N, D)
+    expanded = [
+        (k[None].expand(batch_size, -1, -1, -1), v[None].expand(batch_size, -1, -1, -1)) for k, v in prefixes
+    ]  # each (B, K, N, D)
     if is_llmlab_model(model):
         cache = model.new_cache()
         for i, (k, v) in enumerate(expanded):
