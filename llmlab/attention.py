@@ -181,7 +181,7 @@ def attention_probs(
     # result, so neither the output nor the gradient ever holds a NaN.
     live = torch.isfinite(scores).any(dim=-1, keepdim=True)  # (B, H, T, 1)
     probs = torch.softmax(torch.where(live, scores, 0.0), dim=-1)  # (B, H, T, S)
-    return torch.where(live, probs, 0.0)
+    return torch.where(live, probs, 0.0)  # (B, H, T, S)
 
 
 def scaled_dot_product_attention(
@@ -356,7 +356,8 @@ class Attention(nn.Module):
     def _rope(self, q, k, positions, rope):
         """Rotate q (B, H, T, D) and k (B, K, T, D) by their absolute positions."""
         if rope is None:
-            rope = rope_cos_sin(positions, self.head_dim, self.rope_base, dtype=q.dtype)
+            pos = positions.cpu() if isinstance(positions, torch.Tensor) else positions  # the table is built on CPU
+            rope = rope_cos_sin(pos, self.head_dim, self.rope_base, dtype=q.dtype)
             rope = (rope[0].to(q.device), rope[1].to(q.device))  # each (T, D) or (B, T, D)
         return apply_rope(q, *rope), apply_rope(k, *rope)
 

@@ -395,7 +395,8 @@ class LLM(nn.Module):
         x = self._embed(input_ids, positions)  # (B, T, C)
         rope = None
         if self.config.position == "rope":  # computed once, shared by every layer
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_base, dtype=x.dtype)
+            # positions go through the CPU: llmlab.positional builds its frequency table there.
+            cos, sin = rope_cos_sin(positions.cpu(), self.config.head_dim, self.config.rope_base, dtype=x.dtype)
             rope = (cos.to(x.device), sin.to(x.device))  # each (T, D) or (B, T, D)
         attentions, moe_stats = [], []
         for layer in self.model.layers:

@@ -88,9 +88,13 @@ def load_balancing_loss(
     if not layers:
         raise ValueError("router_logits must hold at least one (N, E) tensor")
     n_experts = layers[0].shape[-1]
+    if token_mask is not None:
+        check_tensor("token_mask", token_mask, ndim=1, layout="(N,)")
+        if token_mask.shape[0] != layers[0].shape[0]:
+            raise ValueError(f"token_mask must have N={layers[0].shape[0]} entries, got {token_mask.shape[0]}")
     counts = torch.zeros(n_experts, device=layers[0].device)  # (E,)
     prob_sum = torch.zeros(n_experts, device=layers[0].device)  # (E,)
-    rows = torch.zeros((), device=layers[0].device)
+    rows = torch.zeros((), device=layers[0].device)  # (): number of (unmasked) tokens
     for i, logits in enumerate(layers):
         check_tensor(f"router_logits[{i}]", logits, ndim=2, layout="(N, E)")
         w = torch.ones(logits.shape[0], device=logits.device) if token_mask is None else token_mask.float()  # (N,)

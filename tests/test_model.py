@@ -60,7 +60,7 @@ def test_rmsnorm_equals_torch_and_llama():
 
 
 def test_swiglu_equals_llama_mlp():
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2, hidden_act="silu")
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2)
     ref = LlamaMLP(cfg)
     ours = SwiGLUMLP(16, 40)
     ours.load_state_dict(ref.state_dict())
