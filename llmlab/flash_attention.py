@@ -62,15 +62,19 @@ class FlashConfig:
 
     @classmethod
     def for_sram(cls, sram_bytes: int, head_dim: int, element_size: int = 4) -> FlashConfig:
-        """The paper's choice for SRAM of M elements: B_c = ceil(M / 4D), B_r = min(B_c, D).
+        """Tile sizes for an SRAM of M elements: ceil(M / 4D) rows for the resident tile, at most D
+        rows for the streamed one (FlashAttention Algorithm 1, line 1). There the key tile is the
+        resident one; this loop keeps the query tile resident (FlashAttention-2's order), so the two
+        roles are exchanged: block_q = ceil(M / 4D), block_k = min(block_q, D). Either way K and V
+        (or Q and O) are re-read T / ceil(M / 4D) times: Theta(T S D^2 / M) traffic.
 
         >>> FlashConfig.for_sram(96 * 1024, head_dim=64)
-        FlashConfig(block_q=64, block_k=96)
+        FlashConfig(block_q=96, block_k=64)
         """
         m = check_int("sram_bytes", sram_bytes, minimum=1) // check_int("element_size", element_size, minimum=1)
         d = check_int("head_dim", head_dim, minimum=1)
-        block_k = max(1, math.ceil(m / (4 * d)))
-        return cls(block_q=min(block_k, d), block_k=block_k)
+        block_q = max(1, math.ceil(m / (4 * d)))
+        return cls(block_q=block_q, block_k=min(block_q, d))
 
 
 @dataclass(frozen=True)
