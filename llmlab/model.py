@@ -21,9 +21,8 @@ What it implements
 - Cached decoding with ``llmlab.attention.KVCache``: a prompt and then one token at a time give
   the same logits as one uncached forward.
 
-What it leaves out: dropout-free inference tricks (fused kernels beyond SDPA), sliding-window
-attention, parallel attention/FFN blocks (GPT-J), encoder-decoder models, and generation
-(``llmlab.decoding``).
+What it leaves out: fused kernels beyond PyTorch's SDPA, sliding-window attention, parallel
+attention/FFN blocks (GPT-J), encoder-decoder models, and generation (a separate decoding module).
 """
 
 from __future__ import annotations
@@ -181,9 +180,8 @@ class DecoderLayer(nn.Module):
             rope_base=config.rope_base, impl=config.attn_impl, dropout=config.dropout, layer_idx=layer_idx,
         )
         self.mlp = _make_ffn(config)
-        norm_bias = config.bias
-        self.input_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps, norm_bias)
-        self.post_attention_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps, norm_bias)
+        self.input_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
+        self.post_attention_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def _residual(self, x, sublayer, norm):
@@ -249,8 +247,10 @@ class DecoderModel(nn.Module):
             self.embed_positions = LearnedPositionalEmbedding(config.block_size, config.n_embd, config.init_std)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
         # Post-norm blocks already end in a norm; only pre-norm needs one after the last block.
-        self.norm = make_norm(config.norm, config.n_embd, config.norm_eps, config.bias) \
-            if config.norm_placement == "pre" else nn.Identity()
+        if config.norm_placement == "pre":
+            self.norm = make_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
+        else:
+            self.norm = nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
 
