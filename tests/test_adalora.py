@@ -243,3 +243,20 @@ def test_pruning_hits_the_budget_and_reports_ranks():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_llmlab_model_adalora_equals_peft_on_the_converted_model():
+    from llmlab.interop import to_hf
+
+    torch.manual_seed(0)
+    base = LLM(ModelConfig.tiny(vocab_size=64)).eval()
+    cfg = AdaLoRAConfig.tiny()
+    ours = inject_adalora(copy.deepcopy(base), cfg)
+    theirs = get_peft_model(to_hf(base), peft_config(cfg))
+    ours_params = dict(ours.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_params(theirs).items():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            ours_params[name].copy_(p)
+        torch.testing.assert_close(ours(IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)

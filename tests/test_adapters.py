@@ -197,3 +197,21 @@ def test_adapter_training_lowers_the_loss():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_llmlab_adaption_prompts_equal_peft_on_the_converted_model():
+    from llmlab.interop import to_hf
+
+    base = tiny_llmlab()
+    peft_cfg = PeftAdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM")
+    theirs = get_peft_model(to_hf(base), peft_cfg).eval()
+    ours = inject_adaption_prompts(base, AdaptionPromptConfig(adapter_len=4, adapter_layers=2))
+    ours_params = dict(ours.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "adaption_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+                layer = re.search(r"layers\.(\d+)\.", name).group(1)
+                ours_params[f"model.layers.{layer}.self_attn.{name.rsplit('.', 1)[-1]}"].copy_(p)
+        torch.testing.assert_close(ours(IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)

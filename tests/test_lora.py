@@ -274,3 +274,49 @@ def test_target_patterns_follow_peft_rules():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# --- llmlab's own model --------------------------------------------------------------------------
+
+
+def tiny_llmlab(seed=0):
+    from llmlab.model import LLM, ModelConfig
+
+    torch.manual_seed(seed)
+    return LLM(ModelConfig.tiny(vocab_size=64)).eval()
+
+
+def test_llmlab_adapter_equals_peft_on_the_converted_transformers_model(tmp_path):
+    from llmlab.interop import to_hf
+
+    cfg = LoRAConfig.all_linear(r=4, alpha=8.0)
+    base = tiny_llmlab()
+    ours = inject_lora(copy.deepcopy(base), cfg)
+    randomize_lora(ours)
+    save_adapter(ours, cfg, tmp_path)  # same parameter names as transformers' Llama, so peft loads it
+    theirs = PeftModel.from_pretrained(to_hf(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-5)
+        merged_ours = merge_and_unload(ours)
+        merged_theirs = theirs.merge_and_unload()
+        torch.testing.assert_close(merged_ours(IDS).logits, merged_theirs(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, LoRALinear) for m in merged_ours.modules())
+
+
+def test_llmlab_model_b_zero_merge_and_training():
+    base = tiny_llmlab()
+    model = inject_lora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):
+        loss = model(IDS[:, :-1], targets=IDS[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(IDS).logits
+        assert not torch.allclose(before, base(IDS).logits, atol=1e-4)
+        merge_lora(model)
+        torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)

@@ -228,3 +228,37 @@ def test_prefix_layout_is_layer_then_key_value_then_head():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# --- llmlab's LLM against peft on the same weights in transformers -------------------------------
+# No left padding here: with a padding mask llmlab's LLM starts each row's positions at its first
+# real token, while transformers' Llama counts the pads, so padded rows differ by design.
+FULL = torch.ones_like(MASK)
+
+
+@pytest.mark.parametrize("projection", [True, False], ids=["prefix_tuning", "p_tuning_v2"])
+def test_llmlab_kv_cache_prefix_equals_peft_on_the_converted_model(projection):
+    from llmlab.interop import to_hf
+
+    base = tiny_llmlab()
+    peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection)
+    theirs = get_peft_model(to_hf(base), peft_cfg).eval()
+    ours = PrefixModel(base, PrefixConfig(num_virtual_tokens=N, projection=projection)).eval()
+    randomize(theirs.prompt_encoder["default"])
+    ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS, attention_mask=FULL).logits
+        torch.testing.assert_close(ours(IDS, attention_mask=FULL).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llmlab_soft_prompt_equals_peft_on_the_converted_model():
+    from llmlab.interop import to_hf
+
+    base = tiny_llmlab()
+    theirs = get_peft_model(to_hf(base), PEFT_PROMPT_CASES[1][1]).eval()
+    ours = SoftPromptModel(base, PEFT_PROMPT_CASES[1][0]).eval()
+    randomize(theirs.prompt_encoder["default"])
+    ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS, attention_mask=FULL).logits
+        torch.testing.assert_close(ours(IDS, attention_mask=FULL).logits, expected, rtol=1e-5, atol=1e-5)

@@ -235,3 +235,16 @@ def test_zeropoint_uses_the_full_range_on_positive_data():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_qlora_on_llmlab_model():
+    from llmlab.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    base = LLM(ModelConfig.tiny(vocab_size=64)).eval()
+    model = prepare_qlora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
+    assert len(lora_layers(model)) == 2 * 7
+    with torch.no_grad():
+        assert (model(IDS).logits - base(IDS).logits).abs().max() < 0.5
+    model(IDS[:, :-1], targets=IDS[:, 1:]).loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
