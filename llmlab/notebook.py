@@ -9,10 +9,12 @@ Timings are volatile too: print them with ``format_seconds`` in a cell tagged ``
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import time
 from collections.abc import Callable
+from importlib import resources
 
 import numpy as np
 import torch
@@ -77,3 +79,14 @@ def time_call(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> flo
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def load_result(name: str) -> dict:
+    """Load a committed experiment result ``llmlab/results/<name>.json`` (package data, so it is found
+    on Colab as well). Each result records the command that produced it under ``"command"``."""
+    folder = resources.files("llmlab") / "results"
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        available = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+        raise ValueError(f"name must be one of the committed results {available}, got {name!r}")
+    return json.loads(path.read_text())
