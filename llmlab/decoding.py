@@ -39,6 +39,7 @@ length). Shape letters are those of ``llmlab.shapes``; N is the number of rows b
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -426,14 +427,14 @@ def as_decoding_model(model: Any) -> DecodingModel:
     llmlab LLM -> LLMAdapter; an object that already has prefill/step/reorder is returned as is."""
     if isinstance(model, DecodingModel):
         return model
-    from transformers import PreTrainedModel
-
     from llmlab.model import LLM
 
-    if isinstance(model, PreTrainedModel):
-        return HFCausalLM(model)
     if isinstance(model, LLM):
         return LLMAdapter(model)
+    # A transformers model exists only if transformers was imported: no slow import just to check.
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        return HFCausalLM(model)
     raise TypeError(
         "model must be an llmlab LLM, a transformers causal LM or have prefill/step/reorder methods, "
         f"got {type(model).__name__}"
