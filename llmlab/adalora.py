@@ -159,7 +159,7 @@ def orthogonal_regularization(model: nn.Module, squared: bool = True) -> torch.T
             terms.append(norm.square() if squared else norm)
     if not terms:
         raise ValueError("model has no SVDLinear layers; call inject_adalora(model, config) first")
-    return torch.stack(terms).mean()
+    return torch.stack(terms).mean()  # (): mean over the 2 * modules matrices
 
 
 def budget_schedule(step: int, config: AdaLoRAConfig, init_budget: int, target_budget: int) -> tuple[int, bool]:
@@ -205,9 +205,9 @@ class RankAllocator:
                 if p.grad is None:
                     raise ValueError(f"{name}.{part} has no gradient; call step() after loss.backward()")
                 key = f"{name}.{part}"
-                sensitivity = (p * p.grad).abs()
-                ipt = self.ipt.get(key, torch.zeros_like(p))
-                unc = self.unc.get(key, torch.zeros_like(p))
+                sensitivity = (p * p.grad).abs()  # same shape as p: (R, in), (R, 1) or (out, R)
+                ipt = self.ipt.get(key, torch.zeros_like(p))  # same shape as p
+                unc = self.unc.get(key, torch.zeros_like(p))  # same shape as p
                 self.ipt[key] = b1 * ipt + (1 - b1) * sensitivity
                 self.unc[key] = b2 * unc + (1 - b2) * (sensitivity - self.ipt[key]).abs()
 
@@ -227,7 +227,7 @@ class RankAllocator:
         scores = self.triplet_scores(model)
         pruned = self.init_budget - budget
         if pruned <= 0:
-            keep = {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}
+            keep = {name: torch.ones_like(s, dtype=torch.bool) for name, s in scores.items()}  # (R,) each
         else:
             threshold = torch.kthvalue(torch.cat(list(scores.values())), k=pruned).values  # ()
             keep = {name: s > threshold for name, s in scores.items()}

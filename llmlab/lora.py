@@ -131,14 +131,17 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _base_device_dtype(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device of the base layer, and the float dtype its output is computed in."""
+def _adapter_device_dtype(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the base layer, and the dtype for adapter weights: the base's float dtype, but
+    float32 when the base is float16/bfloat16 (as peft does: small updates need the precision)."""
     tensors = list(base_layer.parameters()) + list(base_layer.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     weight = getattr(base_layer, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        return device, weight.dtype
-    return device, getattr(base_layer, "compute_dtype", torch.float32)
+        dtype = weight.dtype
+    else:
+        dtype = getattr(base_layer, "compute_dtype", torch.float32)
+    return device, (torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
 
 
 class LoRALinear(nn.Module):
@@ -169,7 +172,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
-        device, dtype = _base_device_dtype(base_layer)
+        device, dtype = _adapter_device_dtype(base_layer)
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)  # weight (R, in)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)  # weight (out, R)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -191,7 +194,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., R)
-        return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)
+        # Add in the adapter's precision, round once to the output dtype (as peft does).
+        return (y + self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)
 
     def _dense_weight(self) -> torch.Tensor:
         weight = getattr(self.base_layer, "weight", None)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmlab.model import LLM
 from llmlab.shapes import check_choice, check_float, check_int, check_tensor
 
 ENCODER_TYPES = ("mlp", "lstm")
@@ -79,8 +80,6 @@ class ModelGeometry:
 
 def is_llmlab_model(model: nn.Module) -> bool:
     """True for llmlab's ``LLM`` (keyword ``cache=``, ``targets=``), False for transformers models."""
-    from llmlab.model import LLM
-
     return isinstance(model, LLM)
 
 
@@ -317,7 +316,8 @@ class PrefixEncoder(nn.Module):
     def forward(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(key, value)] per layer, each (K, N, D)."""
         g = self.geometry
-        flat = self.flat_prefixes().view(self.num_virtual_tokens, g.num_layers * 2, g.num_kv_heads, g.head_dim)
+        n = self.num_virtual_tokens
+        flat = self.flat_prefixes().view(n, g.num_layers * 2, g.num_kv_heads, g.head_dim)  # (N, 2L, K, D)
         kv = flat.permute(1, 2, 0, 3)  # (2L, K, N, D): peft's layout, layer-major then key/value
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(g.num_layers)]
 

@@ -165,7 +165,8 @@ def quantize_scales(scales: torch.Tensor, block_size: int = 256) -> QuantizedSca
     blocks = _blocks(scales - offset, block_size)  # (N2, 256)
     absmax = blocks.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # (N2,)
     codes = torch.round(blocks / absmax[:, None] * 127).to(torch.int8)  # (N2, 256)
-    return QuantizedScales(codes.reshape(-1)[: scales.numel()], absmax, offset, block_size)
+    codes = codes.reshape(-1)[: scales.numel()]  # (N,): the padding is dropped again
+    return QuantizedScales(codes, absmax, offset, block_size)
 
 
 def dequantize_scales(q: QuantizedScales) -> torch.Tensor:
@@ -188,7 +189,7 @@ class NF4Tensor:
         """Bits actually held by the tensors (codes, scales, second-level scales, offset)."""
         tensors = [self.packed]
         if isinstance(self.scales, QuantizedScales):
-            tensors += [self.scales.codes, self.scales.absmax, self.scales.offset.reshape(1)]
+            tensors += [self.scales.codes, self.scales.absmax, self.scales.offset.reshape(1)]  # (1,) offset
         else:
             tensors.append(self.scales)
         return sum(t.numel() * t.element_size() * 8 for t in tensors)
@@ -214,7 +215,8 @@ def quantize_nf4(weight: torch.Tensor, config: NF4Config | None = None) -> NF4Te
     normalized = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # (N / 64, 64) in [-1, 1]
     codes = _nearest_level(normalized, NF4_LEVELS.to(weight.device))  # (N / 64, 64)
     scales = quantize_scales(absmax, config.scale_block_size) if config.double_quant else absmax
-    return NF4Tensor(pack_4bit(codes.reshape(-1)), scales, tuple(weight.shape), config.block_size)
+    packed = pack_4bit(codes.reshape(-1))  # (N/2,) uint8
+    return NF4Tensor(packed, scales, tuple(weight.shape), config.block_size)
 
 
 def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -320,3 +320,17 @@ def test_llmlab_model_b_zero_merge_and_training():
         assert not torch.allclose(before, base(IDS).logits, atol=1e-4)
         merge_lora(model)
         torch.testing.assert_close(model(IDS).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_base_keeps_float32_adapters_like_peft():
+    base = tiny_llama().to(torch.bfloat16)
+    ours = inject_lora(copy.deepcopy(base), LoRAConfig.tiny())
+    theirs = get_peft_model(copy.deepcopy(base), peft_config(LoRAConfig.tiny()))
+    randomize_lora(ours)
+    set_peft_model_state_dict(theirs, to_peft_keys(lora_state_dict(ours)))
+    layer = next(iter(lora_layers(ours).values()))
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = ours(IDS).logits
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits, theirs(IDS).logits, rtol=0, atol=0)

@@ -262,3 +262,12 @@ def test_llmlab_soft_prompt_equals_peft_on_the_converted_model():
     with torch.no_grad():
         expected = theirs(input_ids=IDS, attention_mask=FULL).logits
         torch.testing.assert_close(ours(IDS, attention_mask=FULL).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_init_from_vocabulary_rows():
+    model = SoftPromptModel(tiny_llama(), PromptConfig.prompt_tuning(N))
+    emb = input_embedding(model.base_model)
+    model.prompt_encoder.init_from_vocab(emb, generator=torch.Generator().manual_seed(0))
+    table = model.prompts()
+    assert table.shape == (N, 32)
+    assert all((emb.weight == row).all(dim=1).any() for row in table)
