@@ -54,7 +54,7 @@ def hf_family(config: ModelConfig) -> str:
         raise ValueError(f"no transformers counterpart for position={config.position!r}: Llama and Mixtral use "
                          "'rope' and GPT-2 uses 'learned'")
     family = "mixtral" if config.ffn == "moe" else "llama"
-    _require(config, family.capitalize(), norm="rmsnorm", norm_placement="pre")
+    _require(config, family.capitalize(), norm="rmsnorm", norm_placement="pre", rope_scaling="none")
     if family == "mixtral":
         _require(config, "Mixtral", bias=False, moe_capacity_factor=None)
     return family

@@ -42,6 +42,7 @@ from llmlab.positional import LearnedPositionalEmbedding, rope_cos_sin, sinusoid
 from llmlab.shapes import check_choice, check_float, check_int, check_tensor
 
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
+ROPE_SCALINGS = ("none", "linear", "ntk")  # applied to every position, e.g. to evaluate past the training length
 NORM_PLACEMENTS = ("pre", "post", "deepnorm")
 FFNS = ("swiglu", "gelu", "moe")
 
@@ -59,6 +60,8 @@ class ModelConfig:
     ffn_hidden: int = 352  # F: feed-forward hidden width (8C/3 rounded up for SwiGLU, 4C for GELU)
     position: str = "rope"  # "rope" | "learned" | "sinusoidal" | "alibi" | "none"
     rope_base: float = 10000.0  # RoPE theta (LLaMA-3 uses 500000)
+    rope_scaling: str = "none"  # "none" | "linear" (position interpolation) | "ntk" (NTK-aware base)
+    rope_factor: float = 1.0  # context extension factor s for rope_scaling (positions / s, or base * s^(D/(D-2)))
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     norm_placement: str = "pre"  # "pre" (GPT-2, LLaMA) | "post" (2017 Transformer) | "deepnorm"
     ffn: str = "swiglu"  # "swiglu" | "gelu" | "moe" (SwiGLU experts)
@@ -91,6 +94,7 @@ class ModelConfig:
         if self.experts_per_token > self.n_experts:
             raise ValueError(f"experts_per_token must be <= n_experts={self.n_experts}, got {self.experts_per_token}")
         check_choice("position", self.position, POSITIONS)
+        check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         check_choice("norm", self.norm, NORMS)
         check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         check_choice("ffn", self.ffn, FFNS)
@@ -99,6 +103,7 @@ class ModelConfig:
 
     def _check_floats(self) -> None:
         check_float("rope_base", self.rope_base, low=0.0, low_open=True)
+        check_float("rope_factor", self.rope_factor, low=1.0)
         check_float("moe_aux_loss_coef", self.moe_aux_loss_coef, low=0.0)
         check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
         check_float("norm_eps", self.norm_eps, low=0.0)
@@ -396,7 +401,8 @@ class LLM(nn.Module):
         rope = None
         if self.config.position == "rope":  # computed once, shared by every layer
             # positions go through the CPU: llmlab.positional builds its frequency table there.
-            cos, sin = rope_cos_sin(positions.cpu(), self.config.head_dim, self.config.rope_base, dtype=x.dtype)
+            cos, sin = rope_cos_sin(positions.cpu(), self.config.head_dim, self.config.rope_base, dtype=x.dtype,
+                                    scaling=self.config.rope_scaling, factor=self.config.rope_factor)
             rope = (cos.to(x.device), sin.to(x.device))  # each (T, D) or (B, T, D)
         attentions, moe_stats = [], []
         for layer in self.model.layers:

@@ -128,12 +128,14 @@ class LearnedPositionalEmbedding(nn.Module):
 # RoPE (rotary)
 
 
-def rope_inv_freq(head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int, base: float = 10000.0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Rotation frequencies w_i = base^(-2i/D), i = 0..D/2-1: fast pairs first, slow pairs last. (D/2,)"""
     head_dim = _even_dim("head_dim", head_dim)
     base = check_float("base", base, low=0.0, low_open=True)
     # In float32 this is the same arithmetic as transformers, so cos/sin agree with it exactly.
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype) / head_dim  # (D/2,)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype) / head_dim  # (D/2,)
     return 1.0 / (base**exponent)
 
 
@@ -186,7 +188,7 @@ def rope_cos_sin(
     # Angles are computed in float64 only when float64 output is asked for (precise checks);
     # otherwise in float32, like transformers.
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = rope_inv_freq(head_dim, base, dtype=work)  # (D/2,)
+    inv_freq = rope_inv_freq(head_dim, base, dtype=work, device=pos.device)  # (D/2,) on the positions' device
     if scaling == "linear":
         inv_freq = inv_freq / factor  # same as dividing the positions by `factor`
     angles = pos.to(work)[..., None] * inv_freq  # (..., T, D/2)

@@ -249,3 +249,40 @@ def test_bad_inputs_raise_clear_errors():
         LLM({"vocab_size": 3})
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids(), attention_mask=torch.ones(2, 5))
+
+
+def test_rope_linear_scaling_equals_transformers_llama_linear_rope():
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from llmlab.interop import to_hf
+
+    torch.manual_seed(0)
+    plain = LLM(ModelConfig.tiny(vocab_size=40))
+    hf_config = copy.deepcopy(to_hf(plain).config)
+    hf_config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": plain.config.rope_base}
+    hf = LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict(to_hf(plain).state_dict())
+    scaled = LLM(dataclasses.replace(plain.config, rope_scaling="linear", rope_factor=4.0))
+    scaled.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 40, (2, 20))
+    torch.testing.assert_close(scaled(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_ntk_scaling_is_a_base_change():
+    from llmlab.positional import ntk_scaled_base
+
+    torch.manual_seed(0)
+    ntk = LLM(dataclasses.replace(ModelConfig.tiny(vocab_size=40), rope_scaling="ntk", rope_factor=4.0))
+    based = LLM(dataclasses.replace(ModelConfig.tiny(vocab_size=40), rope_base=ntk_scaled_base(1e4, 4.0, 8)))
+    based.load_state_dict(ntk.state_dict())
+    ids = torch.randint(0, 40, (1, 30))
+    torch.testing.assert_close(ntk(ids).logits, based(ids).logits)
+
+
+def test_rope_scaling_config_errors():
+    with pytest.raises(ValueError, match="rope_scaling must be one of"):
+        ModelConfig(vocab_size=40, rope_scaling="yarn")
+    with pytest.raises(ValueError, match="rope_factor"):
+        ModelConfig(vocab_size=40, rope_scaling="linear", rope_factor=0.5)
