@@ -16,8 +16,9 @@ What it implements
   out = attn(x) + o_proj(g * softmax(q k_p^T / sqrt(D)) v_p). At initialisation the model is
   unchanged, and the prompts' influence grows only as g is learned: that is how it trains stably
   (random prompts cannot disturb the pretrained attention at the start). ``gate="scalar"`` is one
-  raw gate per layer, as in the v1 paper's equation and peft; ``gate="tanh_per_head"`` is tanh(g_h)
-  with one gate per head, as in the LLaMA-Adapter V2 code.
+  raw gate g_l per layer, as in the paper's equation and in peft; ``gate="tanh_per_head"`` is tanh(g_h)
+  with one gate per head, as in the official code (OpenGVLab/LLaMA-Adapter, alpaca_finetuning_v1/llama/
+  model.py). Both start at zero, so both leave the model unchanged at initialisation.
 
 Reference implementations: peft's ``AdaptionPromptConfig`` (``adaption_prompt`` / ``adaption_gate``
 names, Llama query recomputation with RoPE; the tests compare logits with it) and AdapterHub's
@@ -137,7 +138,7 @@ class AdaptionPromptConfig:
 
     adapter_len: int = 10  # N: adaption prompt vectors per adapted layer (paper: 10)
     adapter_layers: int = 30  # L: how many of the topmost layers get prompts (paper: 30 of 32)
-    gate: str = "scalar"  # "scalar" (one raw gate per layer, paper v1 / peft) | "tanh_per_head" (V2 code)
+    gate: str = "scalar"  # "scalar" (one raw gate per layer: paper, peft) | "tanh_per_head" (official code)
 
     def __post_init__(self) -> None:
         check_int("adapter_len", self.adapter_len, minimum=1)

@@ -15,9 +15,12 @@ What it implements
   produced during training by a reparameterization MLP (embedding (N, E) -> Linear -> tanh ->
   Linear -> L * 2 * K * D). ``PrefixEncoder.collapse()`` evaluates the MLP once and keeps only the
   resulting prefixes, which changes no output.
-- P-tuning v2 (Liu et al. 2022, "P-Tuning v2"): deep prompts at every layer, trained directly
-  without the reparameterization MLP: ``PrefixConfig.p_tuning_v2()`` (peft implements it the same way,
-  as prefix tuning with ``prefix_projection=False``).
+- P-tuning v2 (Liu et al. 2022, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning
+  Universally Across Scales and Tasks"): deep prompts at every layer, not only at the input. The
+  paper makes the reparameterization optional (it helps on some tasks and hurts on others);
+  ``PrefixConfig.p_tuning_v2()`` trains the per-layer prompts directly, which is how peft implements
+  it (prefix tuning with ``prefix_projection=False``). So P-tuning v2 is not "longer prefixes": the
+  difference from P-tuning is depth (every layer's keys and values), not length.
 - ``SoftPromptModel`` and ``PrefixModel`` wrap a frozen model. Virtual tokens are put in front by
   feeding N placeholder ids and overwriting their embeddings (a forward hook on the input
   embedding), so it works with any model that has an embedding table; labels / targets and the
