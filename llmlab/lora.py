@@ -11,7 +11,8 @@ What it implements
   and freezes everything else. It works on any ``nn.Module``: llmlab's ``LLM`` and transformers
   models alike.
 - ``merge_lora`` / ``unmerge_lora`` / ``merge_and_unload``: W <- W + (alpha / r) B A and back; a
-  merged model has exactly the cost of the base model at inference.
+  merged model has exactly the cost of the base model at inference. ``disable_lora`` temporarily
+  turns every adapter off (the base model, e.g. as DPO's reference, with no second copy).
 - ``lora_state_dict`` / ``save_adapter`` / ``load_adapter``: only the adapter weights, in
   safetensors, with a JSON config. The files use peft's layout (``adapter_model.safetensors`` with
   keys ``base_model.model.<module>.lora_A.weight`` and an ``adapter_config.json`` with
@@ -28,9 +29,11 @@ and PiSSA/LoftQ initialisations. Shape letters follow ``llmlab.shapes`` (R is th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +180,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)  # weight (out, R)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # True: behave like the base layer (see disable_lora)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -190,8 +194,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
+        if self.disabled and self.merged:
+            raise ValueError("cannot disable a merged LoRA layer; unmerge it first")
         y = self.base_layer(x)  # (..., out)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., R)
         # Add in the adapter's precision, round once to the output dtype (as peft does).
@@ -335,6 +341,24 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in _require_lora(model).values():
         layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly its base model (like peft's ``disable_adapter()``),
+    e.g. the frozen reference model of DPO without a second copy of the weights.
+
+    >>> with disable_lora(model):
+    ...     reference_logits = model(ids).logits
+    """
+    layers = _require_lora(model).values()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -334,3 +334,33 @@ def test_half_precision_base_keeps_float32_adapters_like_peft():
         logits = ours(IDS).logits
         assert logits.dtype == torch.bfloat16
         torch.testing.assert_close(logits, theirs(IDS).logits, rtol=0, atol=0)
+
+
+def test_disable_lora_gives_the_base_model_like_peft_disable_adapter():
+    from llmlab.lora import disable_lora
+
+    cfg = LoRAConfig.all_linear(r=4)
+    base = tiny_llama()
+    ours = inject_lora(copy.deepcopy(base), cfg)
+    randomize_lora(ours)
+    theirs = get_peft_model(copy.deepcopy(base), peft_config(cfg)).eval()
+    set_peft_model_state_dict(theirs, to_peft_keys(lora_state_dict(ours)))
+    with torch.no_grad():
+        adapted = ours(IDS).logits
+        with disable_lora(ours), theirs.disable_adapter():
+            torch.testing.assert_close(ours(IDS).logits, base(IDS).logits, rtol=0, atol=0)
+            torch.testing.assert_close(theirs(IDS).logits, base(IDS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(ours(IDS).logits, adapted, rtol=0, atol=0)
+
+
+def test_dropout_acts_on_the_lora_branch_only():
+    layer = LoRALinear(nn.Linear(16, 8), r=4, alpha=4.0, dropout=0.5).train()
+    x = torch.randn(64, 16)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))  # B = 0: dropout cannot reach the output
+    nn.init.normal_(layer.lora_B.weight)
+    torch.manual_seed(0)
+    noisy = layer(x)
+    expected_mean = layer.base_layer(x) + layer.scaling * layer.lora_B(layer.lora_A(x))
+    assert not torch.allclose(noisy, expected_mean)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected_mean)
