@@ -7,7 +7,9 @@ What it implements
   the outputs named in ``BottleneckConfig.target_modules`` by wrapping those modules
   (``AdapterLayer``): Houlsby's placement is after the attention output projection (``o_proj``) and
   after the feed-forward output (``down_proj``), before each residual addition, with the layer norms
-  trained too; Pfeiffer et al. 2021 ("AdapterFusion") keep only the one after the feed-forward block.
+  trained too; Pfeiffer et al. 2021 ("AdapterFusion") keep only the one after the feed-forward block
+  (AdapterHub's Pfeiffer configuration also rearranges the residual and LayerNorm around it; here
+  both presets insert the adapter at the same point, before the residual addition).
 - LLaMA-Adapter (Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models with
   Zero-init Attention"): ``AdaptedAttention`` gives each of the top L attention layers N learnable
   adaption-prompt vectors (N, C). Their keys and values come from the layer's own frozen ``k_proj`` /

@@ -398,7 +398,9 @@ class PrefixModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         check_tensor("input_ids", input_ids, ndim=2, layout="(B, T)")
-        cache = prefix_cache(self.base_model, self.prompt_encoder(), input_ids.shape[0])
+        dtype = input_embedding(self.base_model).weight.dtype  # prefixes join the model's own keys/values
+        prefixes = [(k.to(dtype), v.to(dtype)) for k, v in self.prompt_encoder()]  # each (K, N, D)
+        cache = prefix_cache(self.base_model, prefixes, input_ids.shape[0])
         mask = _extend_front(attention_mask, self.config.num_virtual_tokens, 1)  # (B, N + T)
         if is_llmlab_model(self.base_model):
             return self.base_model(input_ids, cache=cache, attention_mask=mask, **kwargs)

@@ -271,3 +271,12 @@ def test_prompt_init_from_vocabulary_rows():
     table = model.prompts()
     assert table.shape == (N, 32)
     assert all((emb.weight == row).all(dim=1).any() for row in table)
+
+
+def test_prefixes_follow_a_half_precision_model():
+    model = PrefixModel(tiny_llama().to(torch.bfloat16), PrefixConfig.prefix_tuning(N))
+    assert model.prompt_encoder.embedding.weight.dtype == torch.float32  # trained in float32
+    out = model(IDS, labels=IDS)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert model.prompt_encoder.embedding.weight.grad is not None
