@@ -32,7 +32,10 @@ PyTorch's ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -490,6 +493,31 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device | str = "
         return result, torch.cuda.max_memory_allocated(device) - start
     if device.type != "cpu":
         raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_fd2():
+        prof.start()
+    try:
         result = fn()
+    finally:
+        with _quiet_fd2():
+            prof.stop()
     return result, _peak_from_profile(prof)
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Send file descriptor 2 to /dev/null for a moment: the profiler's C++ side logs a line on every
+    start and stop there, which would clutter notebook outputs. Python warnings are unaffected."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
