@@ -248,3 +248,21 @@ def test_qlora_on_llmlab_model():
         assert (model(IDS).logits - base(IDS).logits).abs().max() < 0.5
     model(IDS[:, :-1], targets=IDS[:, 1:]).loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_qlora_adapter_saves_and_resumes_on_a_requantized_model(tmp_path):
+    from llmlab.lora import load_adapter, lora_state_dict, save_adapter
+
+    cfg = LoRAConfig.tiny()
+    base = tiny_llama()
+    model = prepare_qlora(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_B.weight, std=0.1)
+    save_adapter(model, cfg, tmp_path)
+    resumed = load_adapter(prepare_qlora(copy.deepcopy(base), cfg), tmp_path, trainable=True)
+    assert all(isinstance(m, QLoRALinear) for m in lora_layers(resumed).values())
+    assert set(lora_state_dict(resumed)) == set(lora_state_dict(model))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    assert count_trainable_parameters(resumed)[0] == sum(v.numel() for v in lora_state_dict(model).values())
