@@ -1,0 +1,101 @@
+"""Tiny Shakespeare, character level: llmlab's small LLaMA-style model vs nanoGPT's "baby GPT".
+
+Both models see the same 1,536,000 training characters (nanoGPT's README CPU run: 2000 steps of
+12 sequences x 64 characters) from the first 90% of the text, and are scored on the same fixed
+set of validation windows: the last 10% of the text cut into non-overlapping 64-character
+windows, every window scored (the baseline's context is 64, so both models are scored with at
+most 64 characters of context). Wall time is the training time of each model in this process,
+with the same number of torch threads.
+
+(a) ``ModelConfig.small`` (RoPE, pre-RMSNorm, SwiGLU, no biases, context 128) trained with
+    ``SMALL_RECIPE``: a higher peak learning rate (3e-3, usual for a width-128 model; nanoGPT's
+    1e-3 was chosen for a 384-wide one) and fewer, larger steps (16 x 128 characters, 750 steps).
+    Larger steps use the CPU better (fewer Python and optimizer steps per character), and each
+    window gives targets with up to 128 characters of context.
+(b) ``ModelConfig.gpt2_baseline`` (learned positions, pre-LayerNorm, GELU, biases, tied
+    embeddings, context 64) trained with ``TrainConfig.baby_gpt()``: lr 1e-3, 100 warm-up steps,
+    cosine to 1e-4, beta2 0.99, batch 12, 2000 steps.
+
+Run (prints a table; the committed output is benchmarks/results/bench_shakespeare.txt):
+    .venv/bin/python benchmarks/bench_shakespeare.py
+The data is read from ../shared/data/tinyshakespeare.txt (``--data`` to change it); it is never
+copied into the repository.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads
+# slow every matmul several times. Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from llmlab.data import load_text, train_val_split  # noqa: E402
+from llmlab.model import LLM, ModelConfig  # noqa: E402
+from llmlab.tokenizer import CharTokenizer  # noqa: E402
+from llmlab.train import TrainConfig, heldout_loss, train  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+CHAR_BUDGET = 12 * 64 * 2000  # nanoGPT baby GPT: batch 12 x context 64 x 2000 steps
+EVAL_BLOCK = 64  # validation windows: the baseline's context length
+
+BASELINE_RECIPE = dataclasses.replace(TrainConfig.baby_gpt(), eval_interval=10**9, eval_iters=1, progress=False)
+SMALL_RECIPE = dataclasses.replace(
+    BASELINE_RECIPE, lr=3e-3, min_lr=3e-4, warmup_iters=50, batch_size=16, block_size=128, max_iters=750
+)
+
+
+def run(name: str, config: ModelConfig, recipe: TrainConfig, train_ids, val_ids) -> dict:
+    """Train one model from seed 0 and score it on every 64-character validation window."""
+    if recipe.tokens_per_step * recipe.max_iters != CHAR_BUDGET:
+        raise ValueError(f"{name} recipe must use {CHAR_BUDGET} training characters, "
+                         f"got {recipe.tokens_per_step * recipe.max_iters}")  # fmt: skip
+    torch.manual_seed(0)
+    model = LLM(config)
+    start = time.perf_counter()
+    history = train(model, train_ids, val_ids, recipe)
+    seconds = time.perf_counter() - start
+    val = heldout_loss(model, val_ids, EVAL_BLOCK, batch_size=64)
+    print(f"{name}: {model.num_parameters():,} params, {history.steps} steps of {recipe.batch_size} x "
+          f"{recipe.block_size}, val loss {val:.4f}, {seconds:.1f} s", flush=True)  # fmt: skip
+    return {"name": name, "params": model.num_parameters(), "val": val, "seconds": seconds, "recipe": recipe}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    text = load_text(args.data)
+    tokenizer = CharTokenizer.from_text(text)
+    train_ids, val_ids = train_val_split(tokenizer.encode(text))
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")  # fmt: skip
+    print(f"data {args.data.name}: {len(text):,} chars, vocab {tokenizer.vocab_size}, train {len(train_ids):,}, "
+          f"val {len(val_ids):,} ({(len(val_ids) - 1) // EVAL_BLOCK} windows of {EVAL_BLOCK} scored)")  # fmt: skip
+    print(f"training characters per model: {CHAR_BUDGET:,}\n", flush=True)
+    vocab = tokenizer.vocab_size
+    base = run("gpt2_baseline", ModelConfig.gpt2_baseline(vocab), BASELINE_RECIPE, train_ids, val_ids)
+    small = run("small", ModelConfig.small(vocab), SMALL_RECIPE, train_ids, val_ids)
+    print()
+    print(f"{'model':<14} {'params':>9} {'recipe':<42} {'val loss':>8} {'wall s':>7}")
+    for r in (small, base):
+        c = r["recipe"]
+        recipe = f"lr {c.lr:g}->{c.min_lr:g}, {c.max_iters} x {c.batch_size} x {c.block_size}"
+        print(f"{r['name']:<14} {r['params']:>9,} {recipe:<42} {r['val']:>8.4f} {r['seconds']:>7.1f}")
+    print(f"wall-time ratio small / baseline: {small['seconds'] / base['seconds']:.2f}")
+    print(f"target: small val loss <= 1.70 ({'met' if small['val'] <= 1.70 else 'NOT met'}), "
+          f"wall time <= baseline ({'met' if small['seconds'] <= base['seconds'] else 'NOT met'})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
