@@ -168,6 +168,14 @@ def _scale(scale: float | None, head_dim: int) -> float:
     return float(scale)
 
 
+def _check_config(config: FlashConfig | None) -> FlashConfig:
+    if config is None:
+        return FlashConfig()
+    if not isinstance(config, FlashConfig):
+        raise TypeError(f"config must be a FlashConfig, got {type(config).__name__}")
+    return config
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate half precision in float32, as the CUDA kernels do."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -277,9 +285,7 @@ def flash_attention_forward(
     (torch.Size([1, 2, 100, 16]), 42)
     """
     group = _check_qkv(q, k, v, is_causal, enable_gqa)
-    config = FlashConfig() if config is None else config
-    if not isinstance(config, FlashConfig):
-        raise TypeError(f"config must be a FlashConfig, got {type(config).__name__}")
+    config = _check_config(config)
     scale = _scale(scale, q.shape[-1])
     b, h, t, d = q.shape
     kv, s_len, work = k.shape[1], k.shape[2], _work_dtype(q.dtype)
@@ -363,7 +369,11 @@ def flash_attention_backward(
     q, out, grad_out (B, H, T, D); k, v (B, K, S, D); lse (B, H, T) -> dq (B, H, T, D), dk, dv (B, K, S, D).
     """
     group = _check_qkv(q, k, v, is_causal, enable_gqa=True)
-    config = FlashConfig() if config is None else config
+    config = _check_config(config)
+    for name, x, shape in (("out", out, q.shape), ("grad_out", grad_out, q.shape), ("lse", lse, q.shape[:3])):
+        check_tensor(name, x)
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)} to match q, got {tuple(x.shape)}")
     scale = _scale(scale, q.shape[-1])
     b, h, t, d = q.shape
     kv, s_len, work = k.shape[1], k.shape[2], _work_dtype(q.dtype)
