@@ -411,10 +411,12 @@ class WorkloadConfig:
     max_output: int = 512  # longest generated answer, tokens
     max_model_len: int = 2048  # context limit: what a contiguous cache reserves per request
     block_size: int = 16  # token slots per block for paging
+    samples_per_request: int = 1  # parallel samples (n > 1: forks that share the prompt's blocks)
     seed: int = 0  # seeds arrivals and lengths
 
     def __post_init__(self) -> None:
-        for name in ("num_requests", "min_prompt", "max_prompt", "min_output", "max_output", "block_size"):
+        names = ("num_requests", "min_prompt", "max_prompt", "min_output", "max_output", "block_size")
+        for name in (*names, "samples_per_request"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("seed", self.seed, minimum=0)
         check_float("arrivals_per_step", self.arrivals_per_step, low=0.0, low_open=True)
@@ -438,6 +440,7 @@ class WorkloadReport:
 
     steps: int  # decoding steps until the last request finished
     filled_slot_steps: int  # slots holding a token's k and v: the useful memory
+    logical_slot_steps: int  # tokens as the sequences see them (a shared prompt counts once per sample)
     paged_slot_steps: int  # slots reserved by paging (whole blocks)
     contiguous_slot_steps: int  # slots reserved by giving every running request max_model_len up front
     peak_paged_slots: int  # largest paging reservation at one step
@@ -449,7 +452,8 @@ class WorkloadReport:
 
     @property
     def contiguous_per_filled(self) -> float:
-        return self.contiguous_slot_steps / self.filled_slot_steps
+        """Contiguous reservation per useful slot (per logical token: contiguous caches share nothing)."""
+        return self.contiguous_slot_steps / self.logical_slot_steps
 
     @property
     def paged_waste(self) -> float:
@@ -458,8 +462,14 @@ class WorkloadReport:
 
     @property
     def contiguous_waste(self) -> float:
-        """Share of the slots contiguous preallocation reserves that hold nothing."""
-        return 1.0 - self.filled_slot_steps / self.contiguous_slot_steps
+        """Share of the slots contiguous preallocation reserves that hold nothing (each sample keeps its
+        own copy of the prompt there, so its useful slots are the logical ones)."""
+        return 1.0 - self.logical_slot_steps / self.contiguous_slot_steps
+
+    @property
+    def sharing_saving(self) -> float:
+        """Share of the logical tokens that prefix sharing did not have to store (0 with one sample)."""
+        return 1.0 - self.filled_slot_steps / self.logical_slot_steps
 
 
 def _requests(config: WorkloadConfig) -> list[tuple[int, int, int]]:
@@ -472,9 +482,23 @@ def _requests(config: WorkloadConfig) -> list[tuple[int, int, int]]:
     return out
 
 
+def _admit(manager: BlockManager, rid: int, prompt: int, output: int, samples: int, remaining: dict) -> None:
+    """Prefill a request's prompt once, then fork one sequence per further sample: all share the prompt's
+    blocks. Sequence ids are rid * samples + sample."""
+    first = rid * samples
+    manager.add_sequence(first)
+    for _ in range(prompt):
+        manager.append_slot(first)
+    for sid in range(first, first + samples):
+        if sid != first:
+            manager.fork(first, sid)
+        remaining[sid] = output
+
+
 def simulate_workload(config: WorkloadConfig | None = None) -> WorkloadReport:
-    """Run requests through a ``BlockManager``: each arrives, stores its prompt, appends one token per
-    step until its output is complete, and is freed. Sum filled and reserved slots over the steps.
+    """Run requests through a ``BlockManager``: each arrives, stores its prompt (forked once per extra
+    sample), appends one token per step and sequence until its output is complete, and is freed.
+    Sums filled, logical and reserved slots over the steps.
 
     >>> report = simulate_workload(WorkloadConfig.tiny())
     >>> report.paged_waste < report.contiguous_waste
@@ -483,27 +507,25 @@ def simulate_workload(config: WorkloadConfig | None = None) -> WorkloadReport:
     config = WorkloadConfig() if config is None else config
     if not isinstance(config, WorkloadConfig):
         raise TypeError(f"config must be a WorkloadConfig, got {type(config).__name__}")
-    pending = _requests(config)
-    per_request = math.ceil(config.max_model_len / config.block_size)
-    manager = BlockManager(config.num_requests * per_request, config.block_size)
-    remaining: dict[int, int] = {}  # request id -> output tokens still to generate
-    totals, peaks, step, nxt = [0, 0, 0], [0, 0], 0, 0
+    pending, n = _requests(config), config.samples_per_request
+    blocks_per_sequence = math.ceil(config.max_model_len / config.block_size)
+    manager = BlockManager(config.num_requests * n * blocks_per_sequence, config.block_size)
+    remaining: dict[int, int] = {}  # sequence id -> output tokens still to generate
+    totals, peaks, step, nxt = [0, 0, 0, 0], [0, 0], 0, 0
     while nxt < len(pending) or remaining:
         while nxt < len(pending) and pending[nxt][0] <= step:  # admit: prefill the prompt
-            manager.add_sequence(nxt)
-            for _ in range(pending[nxt][1]):
-                manager.append_slot(nxt)
-            remaining[nxt], nxt = pending[nxt][2], nxt + 1
-        for rid in remaining:  # decode: one new token per running request
-            manager.append_slot(rid)
-            remaining[rid] -= 1
+            _admit(manager, nxt, pending[nxt][1], pending[nxt][2], n, remaining)
+            nxt += 1
+        for sid in remaining:  # decode: one new token per running sequence
+            manager.append_slot(sid)
+            remaining[sid] -= 1
         st = manager.stats()
         contiguous = contiguous_reserved_slots(len(remaining), config.max_model_len)
-        for i, value in enumerate((st.slots_filled, st.slots_reserved, contiguous)):
+        for i, value in enumerate((st.slots_filled, st.logical_tokens, st.slots_reserved, contiguous)):
             totals[i] += value
         peaks = [max(peaks[0], st.slots_reserved), max(peaks[1], contiguous)]
-        for rid in [r for r, left in remaining.items() if left == 0]:
-            manager.free(rid)
-            del remaining[rid]
+        for sid in [r for r, left in remaining.items() if left == 0]:
+            manager.free(sid)
+            del remaining[sid]
         step += 1
-    return WorkloadReport(step, totals[0], totals[1], totals[2], peaks[0], peaks[1])
+    return WorkloadReport(step, *totals, *peaks)

@@ -208,3 +208,11 @@ def test_workload_is_seeded_and_frees_everything():
     assert simulate_workload(WorkloadConfig.tiny()) != simulate_workload(replace(WorkloadConfig.tiny(), seed=1))
     with pytest.raises(ValueError, match="max_model_len must be >= max_prompt"):
         WorkloadConfig(max_prompt=100, max_output=100, max_model_len=150)
+
+
+def test_workload_parallel_samples_share_their_prompt_blocks():
+    single = simulate_workload(WorkloadConfig.tiny())
+    shared = simulate_workload(replace(WorkloadConfig.tiny(), samples_per_request=3))
+    assert single.sharing_saving == 0.0 and single.logical_slot_steps == single.filled_slot_steps
+    assert shared.sharing_saving > 0.2  # two of three prompt copies are never stored
+    assert shared.paged_slot_steps < shared.logical_slot_steps < shared.contiguous_slot_steps
