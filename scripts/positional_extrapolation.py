@@ -88,6 +88,8 @@ def run(iters: int, out: Path) -> dict:
         history = train(model, train_ids, val_ids, cfg)
         result["train_seconds"][encoding] = round(time.perf_counter() - start, 1)
         result["val_loss_at_train_len"][encoding] = round(history.val_loss[-1], 4)
+        print(f"{encoding:>10}: trained in {result['train_seconds'][encoding]} s, "
+              f"val loss {result['val_loss_at_train_len'][encoding]}", flush=True)
         if encoding == "learned":
             continue  # no table rows past TRAIN_LEN: it cannot be evaluated at EVAL_LEN at all
         result["loss_by_position"][encoding] = loss_per_position(at_length(model, EVAL_LEN), x, y)
@@ -95,8 +97,6 @@ def run(iters: int, out: Path) -> dict:
             for name, (scaling, factor) in ROPE_SCALINGS.items():
                 scaled = at_length(model, EVAL_LEN, rope_scaling=scaling, rope_factor=factor)
                 result["loss_by_position"][name] = loss_per_position(scaled, x, y)
-        print(f"{encoding:>10}: trained in {result['train_seconds'][encoding]} s, "
-              f"val loss {result['val_loss_at_train_len'][encoding]}", flush=True)
     result["command"] = f"python scripts/positional_extrapolation.py --iters {iters}"
     result["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
     out.parent.mkdir(parents=True, exist_ok=True)

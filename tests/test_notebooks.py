@@ -82,7 +82,11 @@ def test_outputs_are_stored_from_one_top_to_bottom_run(path):
         else:
             assert not errors, f"unexpected error output in:\n{_src(c)[:200]}"
         for o in c.outputs:
-            text = "".join(o.get("data", {}).get("text/plain", "")) if "data" in o else ""
+            # A figure shown by plt.show() is display_data (PNG plus a "<Figure ...>" text fallback): fine.
+            # A figure or artist left as the cell's value is an execute_result: a forgotten plt.show().
+            if o.output_type != "execute_result":
+                continue
+            text = "".join(o.get("data", {}).get("text/plain", ""))
             assert not re.match(r"<(Figure|matplotlib)", text), "a plot cell prints a repr; end it with plt.show()"
 
 
