@@ -16,7 +16,7 @@ What it implements
   norms; we also skip embeddings, as many LLaMA-style recipes do).
 - ``accumulate_gradients``: k micro-batches, each loss divided by k, give the gradient of one
   k-times-larger batch: the standard answer to "out of memory when the batch grows".
-- ``train``: the loop, with gradient clipping by global norm, periodic evaluation on fixed
+- ``Trainer`` and ``train``: the loop, with gradient clipping by global norm, periodic evaluation on fixed
   batches, a tqdm bar that can be switched off, an iteration or wall-time budget, and a
   ``History`` of iterations, losses, learning rates and elapsed seconds.
 - ``evaluate_loss`` (random windows from a fixed seed) and ``heldout_loss`` (non-overlapping
@@ -143,7 +143,7 @@ def lr_at(step: int, cfg: TrainConfig, elapsed: float | None = None) -> float:
     or the wall-time fraction elapsed / max_seconds when that is larger.
 
     >>> cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
-    >>> round(lr_at(9, cfg), 6), round(lr_at(60, cfg), 6), round(lr_at(110, cfg), 6)
+    >>> round(lr_at(10, cfg), 6), round(lr_at(60, cfg), 6), round(lr_at(110, cfg), 6)
     (0.001, 0.00055, 0.0001)
     """
     step = check_int("step", step, minimum=0)
@@ -274,58 +274,93 @@ def _block_size(model: nn.Module, cfg: TrainConfig) -> int:
     return int(config.block_size)
 
 
-def _evaluate(model, train_data, val_data, cfg, block_size) -> tuple[float, float]:
-    args = (cfg.batch_size, block_size, cfg.eval_iters, cfg.seed + 1, cfg.device)
-    return evaluate_loss(model, train_data, *args), evaluate_loss(model, val_data, *args)
+class Trainer:
+    """The training loop's state, advanced one optimizer step at a time.
 
+    ``train`` runs one trainer to the end. Stepping two trainers in turn (a benchmark does) gives
+    both the same machine load, and ``elapsed`` counts only the time spent in each one's own calls.
 
-def _record(history: History, step: int, losses: tuple[float, float], lr: float, start: float) -> None:
-    history.iters.append(step)
-    history.train_loss.append(losses[0])
-    history.val_loss.append(losses[1])
-    history.lr.append(lr)
-    history.elapsed.append(time.perf_counter() - start)
+    >>> trainer = Trainer(model, train_ids, val_ids, TrainConfig.tiny())  # doctest: +SKIP
+    >>> while not trainer.done:  # doctest: +SKIP
+    ...     trainer.step()
+    """
+
+    def __init__(self, model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, cfg: TrainConfig) -> None:
+        check_tensor("train_data", train_data, ndim=1, layout="(N,)")
+        check_tensor("val_data", val_data, ndim=1, layout="(N,)")
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.model, self.train_data, self.val_data, self.cfg = model, train_data, val_data, cfg
+        self.block_size = _block_size(model, cfg)
+        model.to(cfg.device).train()
+        self.optimizer = configure_optimizer(model, cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # training batches only
+        self.history = History()
+        self.steps = 0  # optimizer steps taken
+        self.elapsed = 0.0  # seconds spent in step() and evaluate()
+
+    @property
+    def done(self) -> bool:
+        """True once max_iters steps are taken or the max_seconds budget is spent."""
+        out_of_time = self.cfg.max_seconds is not None and self.elapsed >= self.cfg.max_seconds
+        return self.steps >= self.cfg.max_iters or out_of_time
+
+    def lr(self) -> float:
+        """Learning rate of the next step."""
+        return lr_at(self.steps, self.cfg, self.elapsed)
+
+    def step(self) -> float:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean training loss."""
+        start, cfg = time.perf_counter(), self.cfg
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [get_batch(self.train_data, cfg.batch_size, self.block_size, self.generator, cfg.device)
+                   for _ in range(cfg.grad_accum_steps)]  # fmt: skip
+        loss = accumulate_gradients(self.model, batches)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.history.step_loss.append(loss)
+        self.elapsed += time.perf_counter() - start
+        return loss
+
+    def evaluate(self) -> tuple[float, float]:
+        """Estimate (train loss, val loss) on fixed batches and append them to the history."""
+        start, cfg, h = time.perf_counter(), self.cfg, self.history
+        args = (cfg.batch_size, self.block_size, cfg.eval_iters, cfg.seed + 1, cfg.device)
+        losses = evaluate_loss(self.model, self.train_data, *args), evaluate_loss(self.model, self.val_data, *args)
+        self.elapsed += time.perf_counter() - start
+        h.iters.append(self.steps)
+        h.train_loss.append(losses[0])
+        h.val_loss.append(losses[1])
+        h.lr.append(self.lr())
+        h.elapsed.append(self.elapsed)
+        h.steps, h.seconds = self.steps, self.elapsed
+        return losses
 
 
 def train(model: nn.Module, train_data: torch.Tensor, val_data: torch.Tensor, cfg: TrainConfig) -> History:
     """Train ``model`` in place on token ids (N,) and return its ``History``.
 
     The model must accept ``model(x, targets=y)`` with x, y (B, T) and return an output with ``.loss``.
+    It is evaluated every ``eval_interval`` steps and once at the end.
 
     >>> history = train(model, train_ids, val_ids, TrainConfig.tiny())  # doctest: +SKIP
     """
-    check_tensor("train_data", train_data, ndim=1, layout="(N,)")
-    check_tensor("val_data", val_data, ndim=1, layout="(N,)")
-    block_size = _block_size(model, cfg)
-    model.to(cfg.device).train()
-    optimizer = configure_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history, start = History(), time.perf_counter()
+    trainer = Trainer(model, train_data, val_data, cfg)
     bar = tqdm(total=cfg.max_iters, disable=not cfg.progress, desc="train", dynamic_ncols=True)
-    step = 0
-    while step < cfg.max_iters:
-        lr = lr_at(step, cfg, time.perf_counter() - start)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if step % cfg.eval_interval == 0 and step > 0:
-            _record(history, step, _evaluate(model, train_data, val_data, cfg, block_size), lr, start)
-            bar.set_postfix(val=f"{history.val_loss[-1]:.3f}")
-        batches = [get_batch(train_data, cfg.batch_size, block_size, gen, cfg.device)
-                   for _ in range(cfg.grad_accum_steps)]  # fmt: skip
-        history.step_loss.append(accumulate_gradients(model, batches))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    while not trainer.done:
+        if trainer.steps % cfg.eval_interval == 0 and trainer.steps > 0:
+            bar.set_postfix(val=f"{trainer.evaluate()[1]:.3f}")
+        loss = trainer.step()
         bar.update(1)
-        bar.set_description(f"train loss {history.step_loss[-1]:.3f}")
-        if cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds:
-            break
+        bar.set_description(f"train loss {loss:.3f}")
     bar.close()
-    _record(history, step, _evaluate(model, train_data, val_data, cfg, block_size), lr, start)
-    history.steps, history.seconds = step, time.perf_counter() - start
-    return history
+    trainer.evaluate()
+    return trainer.history
 
 
 # ----------------------------------------------------------------------------------------------
