@@ -576,3 +576,19 @@ def test_mean_log_prob_equals_full_forward():
     logp = model(full).logits.float().log_softmax(-1)[:, ids.shape[1] - 1 : -1]  # (B, L, V)
     ref = logp.gather(2, cont[:, :, None])[:, :, 0].mean(dim=1)
     torch.testing.assert_close(mean_log_prob(model, ids, cont), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_model_beam_search_equals_generate_on_its_transformers_twin():
+    checkpoint = pytest.importorskip("llmlab.checkpoint")
+    if "tiny-char" not in checkpoint.shipped_checkpoints():
+        pytest.skip("the shipped checkpoint is not present")
+    interop = pytest.importorskip("llmlab.interop")
+    model, tokenizer = checkpoint.load_pretrained()
+    hf_twin = interop.to_hf(model.eval())
+    ids = torch.tensor([tokenizer.encode("Once upon a time"), tokenizer.encode("The little dog w")])  # (2, 16)
+    eos = tokenizer.encode(".")[0]
+    for config in (
+        GenerationConfig(max_new_tokens=24, eos_token_id=eos),
+        GenerationConfig.beam(4, max_new_tokens=24, eos_token_id=eos, num_return_sequences=2),
+    ):
+        exact(generate(model, ids, config).sequences, hf_generate(hf_twin, ids, config).sequences)
