@@ -255,7 +255,7 @@ def min_p_filter(scores: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1
 def _seen_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(N, T) token ids -> (N, V) bool, True where the token occurs in the row."""
     seen = torch.zeros(ids.shape[0], vocab_size, dtype=torch.bool, device=ids.device)  # (N, V)
-    return seen.scatter(1, ids, True) if ids.shape[1] else seen
+    return seen.scatter(1, ids, True) if ids.shape[1] else seen  # (N, V)
 
 
 def repetition_penalty(scores: torch.Tensor, input_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -283,7 +283,7 @@ def frequency_presence_penalty(
     frequency_penalty = check_float("frequency_penalty", frequency_penalty)
     presence_penalty = check_float("presence_penalty", presence_penalty)
     counts = torch.zeros_like(scores)  # (N, V)
-    counts.scatter_add_(1, generated_ids, torch.ones_like(generated_ids, dtype=scores.dtype))
+    counts.scatter_add_(1, generated_ids, torch.ones_like(generated_ids, dtype=scores.dtype))  # (N, V): c_j per row
     return scores - counts * frequency_penalty - (counts > 0).to(scores.dtype) * presence_penalty  # (N, V)
 
 
@@ -655,7 +655,7 @@ def beam_search(model: Any, input_ids: torch.Tensor, config: GenerationConfig) -
     for num_new in range(1, config.max_new_tokens + 1):
         flat_seqs = beams.running.reshape(b * w, -1)  # (B * W, t)
         log_probs = process_logits(logits.log_softmax(dim=-1), flat_seqs, t, config, sampling=False)  # (B * W, V)
-        done = _beam_step(beams, log_probs.view(b, w, -1), eos, num_new, config.max_new_tokens, config)
+        done = _beam_step(beams, log_probs.view(b, w, -1), eos, num_new, config.max_new_tokens, config)  # (B, M)
         if not _keep_going(beams, done, config.early_stopping):
             break
         src = (beams.source + torch.arange(b, device=dev)[:, None] * w).reshape(-1)  # (B * W,)
@@ -749,7 +749,7 @@ def continuation_log_probs(model: Any, prompt_ids: torch.Tensor, continuation_id
         out.append(logits.log_softmax(dim=-1).gather(1, tok[:, None])[:, 0])  # (B,)
         if i + 1 < continuation_ids.shape[1]:
             logits, state = lm.step(tok, state)  # (B, V)
-    return torch.stack(out, dim=1) if out else prompt_ids.new_zeros(prompt_ids.shape[0], 0, dtype=torch.float)
+    return torch.stack(out, dim=1) if out else prompt_ids.new_zeros(prompt_ids.shape[0], 0, dtype=torch.float)  # (B, L)
 
 
 def mean_log_prob(model: Any, prompt_ids: torch.Tensor, continuation_ids: torch.Tensor) -> torch.Tensor:
