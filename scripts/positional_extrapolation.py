@@ -71,12 +71,13 @@ def at_length(model: LLM, length: int, **changes) -> LLM:
     return longer
 
 
-def run(iters: int, out: Path) -> dict:
+def run(iters: int, out: Path, corpus_chars: int = 300_000, windows: int = 64) -> dict:
+    """Train and evaluate every encoding; write and return the result (small values make a smoke run)."""
     torch.set_num_threads(1)
-    text = generate_corpus(300_000, seed=1)
+    text = generate_corpus(corpus_chars, seed=1)
     tok = CharTokenizer.from_text(text)
     train_ids, val_ids = train_val_split(torch.tensor(tok.encode(text)))
-    x, y = eval_windows(val_ids)
+    x, y = eval_windows(val_ids, count=windows)
     cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_iters=min(30, iters // 2), max_iters=iters, batch_size=16,
                       eval_interval=iters, eval_iters=8, progress=False, seed=0)
     result = {"train_len": TRAIN_LEN, "eval_len": EVAL_LEN, "bucket": BUCKET, "iters": iters,

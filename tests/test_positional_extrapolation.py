@@ -27,7 +27,7 @@ def _check_layout(result: dict) -> None:
 
 def test_script_runs_and_writes_the_layout_the_notebook_reads(tmp_path):
     out = tmp_path / "result.json"
-    experiment.run(iters=2, out=out)
+    experiment.run(iters=2, out=out, corpus_chars=30_000, windows=2)
     _check_layout(json.loads(out.read_text()))
 
 
