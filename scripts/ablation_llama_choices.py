@@ -20,7 +20,7 @@ fixed non-overlapping windows of the held-out split (``llmlab.train.heldout_loss
 written into the package (llmlab/results/), where the notebook reads it with
 ``llmlab.notebook.load_result``:
 
-    python scripts/ablation_llama_choices.py         # about 6 minutes on a busy 2-core CPU
+    python scripts/ablation_llama_choices.py         # about 10 minutes on a busy 2-core CPU, one thread
     python scripts/ablation_llama_choices.py --iters 2 --seeds 1 --eval-windows 4 --out /tmp/x.json
 
 One thread and fixed seeds: the same machine and versions give the same numbers.
