@@ -211,6 +211,23 @@ def scaled_dot_product_attention(
 # KV cache
 
 
+def kv_cache_bytes(
+    n_layer: int, n_kv_head: int, head_dim: int, tokens: int, batch_size: int = 1, bytes_per_value: int = 2
+) -> int:
+    """Bytes of keys and values cached for ``tokens`` positions of ``batch_size`` sequences:
+    2 (K and V) * L layers * K heads * D * tokens * B * bytes per value (2 for fp16/bf16).
+
+    >>> kv_cache_bytes(32, 32, 128, tokens=1)  # LLaMA-2-7B in fp16: 0.5 MiB per token
+    524288
+    """
+    counts = {"n_layer": n_layer, "n_kv_head": n_kv_head, "head_dim": head_dim, "bytes_per_value": bytes_per_value}
+    for name, value in counts.items():
+        check_int(name, value, minimum=1)
+    check_int("tokens", tokens, minimum=0)
+    check_int("batch_size", batch_size, minimum=1)
+    return 2 * n_layer * n_kv_head * head_dim * tokens * batch_size * bytes_per_value
+
+
 class KVCache:
     """Keys and values of every layer seen so far, so a new token attends to the past without
     recomputing it. Layer i holds k, v of shape (B, K, S, D).

@@ -240,3 +240,16 @@ def test_attention_bad_arguments():
         Attention(32, 4, impl="flash")
     with pytest.raises(ValueError, match="x must have C=32"):
         Attention(32, 4)(torch.randn(1, 3, 16))
+
+
+@pytest.mark.parametrize("dtype,size", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_kv_cache_bytes_formula_equals_the_bytes_a_cache_holds(dtype, size):
+    from llmlab.attention import kv_cache_bytes
+
+    cache = KVCache(n_layer=3)
+    for layer in range(3):
+        cache.update(layer, torch.zeros(2, 4, 7, 16, dtype=dtype), torch.zeros(2, 4, 7, 16, dtype=dtype))
+    assert cache.nbytes() == kv_cache_bytes(3, 4, 16, tokens=7, batch_size=2, bytes_per_value=size)
+    assert kv_cache_bytes(32, 32, 128, tokens=1) == 512 * 1024  # LLaMA-2-7B, fp16
+    with pytest.raises(ValueError, match="n_kv_head must be an integer >= 1"):
+        kv_cache_bytes(32, 0, 128, tokens=1)
