@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -405,9 +406,17 @@ class LLMAdapter:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self._warned_past_context = False
 
     @torch.no_grad()
     def _forward(self, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        block_size = self.model.config.block_size
+        if cache.seq_len + input_ids.shape[1] > block_size and not self._warned_past_context:
+            # RoPE/ALiBi/no-position models accept any position, but quality usually drops past the
+            # training context (notebook 03); learned or sinusoidal tables raise a clear error instead.
+            warnings.warn(f"decoding past the model's block_size={block_size}: positions beyond the training "
+                          "context were never seen in training, so quality usually degrades", stacklevel=3)
+            self._warned_past_context = True
         out = self.model(input_ids, cache=cache)
         return out.logits[:, -1, :].float(), cache  # (N, V)
 

@@ -592,3 +592,15 @@ def test_shipped_model_beam_search_equals_generate_on_its_transformers_twin():
         GenerationConfig.beam(4, max_new_tokens=24, eos_token_id=eos, num_return_sequences=2),
     ):
         exact(generate(model, ids, config).sequences, hf_generate(hf_twin, ids, config).sequences)
+
+
+def test_llm_adapter_warns_once_when_decoding_past_block_size():
+    import warnings
+
+    model = tiny_llm(0)  # block_size 32
+    ids = torch.randint(0, V, (1, 30))
+    with pytest.warns(UserWarning, match="past the model's block_size=32"):
+        greedy_search(model, ids, GenerationConfig(max_new_tokens=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the context: no warning
+        greedy_search(model, ids[:, :10], GenerationConfig(max_new_tokens=6))
