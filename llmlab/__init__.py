@@ -2,10 +2,39 @@
 
 Each module implements one concept and names the paper and the reference implementation it is
 checked against. Shape letters used in every shape comment are defined in ``llmlab.shapes``.
-Modules that need transformers import it inside their functions, so ``import llmlab`` stays light.
+Modules that need transformers or peft import them inside their functions, so ``import llmlab``
+needs only torch and numpy.
+
+    >>> import llmlab
+    >>> model, tokenizer = llmlab.load_pretrained()   # the shipped tiny model, no network
 """
 
-from llmlab import attention, data, model, moe, notebook, positional, shapes, tokenizer
+from llmlab import (
+    adalora,
+    adapters,
+    attention,
+    checkpoint,
+    data,
+    decoding,
+    ffn,
+    flash_attention,
+    interop,
+    lora,
+    memory,
+    model,
+    moe,
+    norms,
+    notebook,
+    paged_attention,
+    param_count,
+    positional,
+    prompt_tuning,
+    quantization,
+    shapes,
+    tokenizer,
+    train,
+)
+from llmlab.checkpoint import load_pretrained
 from llmlab.model import LLM, ModelConfig
 from llmlab.notebook import setup as setup_notebook
 
@@ -15,13 +44,29 @@ __all__ = [
     "LLM",
     "ModelConfig",
     "__version__",
+    "adalora",
+    "adapters",
     "attention",
+    "checkpoint",
     "data",
+    "decoding",
+    "ffn",
+    "flash_attention",
+    "interop",
+    "load_pretrained",
+    "lora",
+    "memory",
     "model",
     "moe",
+    "norms",
     "notebook",
+    "paged_attention",
+    "param_count",
     "positional",
+    "prompt_tuning",
+    "quantization",
     "setup_notebook",
     "shapes",
     "tokenizer",
+    "train",
 ]
