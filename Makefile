@@ -10,6 +10,9 @@ WORKERS ?= 2
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads slow
+# the other pytest worker and the notebook kernels several times over.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: lab test install lint unit nbval notebooks check-notebooks bench clean
 
