@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.adalora import (
     AdaLoRAConfig,
@@ -20,21 +19,7 @@ from llmlab.adalora import (
     svd_layers,
 )
 from llmlab.model import LLM, ModelConfig
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
+from tests.models import tiny_llama
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 

@@ -10,7 +10,6 @@ import torch
 from peft import AdaptionPromptConfig as PeftAdaptionPromptConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.adapters import (
     AdaptedAttention,
@@ -22,27 +21,7 @@ from llmlab.adapters import (
     inject_adapters,
     inject_adaption_prompts,
 )
-from llmlab.model import LLM, ModelConfig
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_llmlab(seed=0):
-    torch.manual_seed(seed)
-    return LLM(ModelConfig.tiny(vocab_size=64)).eval()
-
+from tests.models import tiny_llama, tiny_llmlab
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
 MAKERS = pytest.mark.parametrize("make", [tiny_llama, tiny_llmlab], ids=["transformers", "llmlab"])

@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.lora import (
     LoRAConfig,
@@ -28,20 +27,7 @@ from llmlab.lora import (
     to_peft_keys,
     unmerge_lora,
 )
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+from tests.models import tiny_llama
 
 
 def peft_config(cfg: LoRAConfig) -> LoraConfig:

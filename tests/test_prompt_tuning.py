@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmlab.model import LLM, ModelConfig
+from llmlab.model import LLM
 from llmlab.prompt_tuning import (
     ModelGeometry,
     PrefixConfig,
@@ -22,27 +21,9 @@ from llmlab.prompt_tuning import (
     input_embedding,
     trainable_parameters,
 )
+from tests.models import tiny_llama, tiny_llmlab
 
 N = 4  # virtual tokens
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_llmlab(seed=0):
-    torch.manual_seed(seed)
-    return LLM(ModelConfig.tiny(vocab_size=64)).eval()
 
 
 G = torch.Generator().manual_seed(5)
