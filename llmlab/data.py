@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -203,14 +203,19 @@ def generate_corpus(num_chars: int = DEFAULT_CORPUS_CHARS, seed: int = 0) -> str
     >>> len(text) >= 2000 and text == generate_corpus(2000, seed=0)
     True
     """
+    return sample_documents(_story, num_chars, seed)
+
+
+def sample_documents(make_document: Callable[[random.Random], str], num_chars: int, seed: int = 0) -> str:
+    """Documents ``make_document(rng)`` from one ``random.Random(seed)``, each followed by a blank line,
+    until at least ``num_chars`` characters: the loop behind every generated corpus in llmlab."""
     num_chars = check_int("num_chars", num_chars, minimum=1)
-    seed = check_int("seed", seed)
-    rng = random.Random(seed)
+    rng = random.Random(check_int("seed", seed))
     parts, total = [], 0
     while total < num_chars:
-        story = _story(rng) + "\n\n"
-        parts.append(story)
-        total += len(story)
+        document = make_document(rng) + "\n\n"
+        parts.append(document)
+        total += len(document)
     return "".join(parts)
 
 

@@ -33,7 +33,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,6 +299,16 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     >>> model = inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
     """
+    return wrap_matching_linears(
+        model, config, lambda linear: LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora)
+    )
+
+
+def wrap_matching_linears(
+    model: nn.Module, config: LoRAConfig, make_layer: Callable[[nn.Linear], nn.Module]
+) -> nn.Module:
+    """Replace each ``nn.Linear`` matching ``config.target_modules`` by ``make_layer(linear)`` (in place),
+    then leave only adapter parameters trainable. Shared by LoRA and QLoRA; returns ``model``."""
     _check_module("model", model)
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -306,8 +316,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     if not names:
         raise _no_match_error(model, config.target_modules)
     for name in names:
-        layer = LoRALinear(model.get_submodule(name), config.r, config.alpha, config.dropout, config.use_rslora)
-        replace_module(model, name, layer)
+        replace_module(model, name, make_layer(model.get_submodule(name)))
     mark_only_adapters_trainable(model)
     return model
 

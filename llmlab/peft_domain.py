@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 
-from llmlab.shapes import check_int
+from llmlab.data import sample_documents
 
 # Word lists are tuples (fixed order), so random.choice is reproducible.
 _FLAVOURS = ("honey", "lemon", "cheese", "butter", "sweet", "spicy", "warm", "green", "brown", "garden")
@@ -142,12 +142,4 @@ def generate_recipes(num_chars: int = 200_000, seed: int = 0) -> str:
     >>> text.startswith("Recipe for ") and text == generate_recipes(1000, seed=0)
     True
     """
-    num_chars = check_int("num_chars", num_chars, minimum=1)
-    seed = check_int("seed", seed)
-    rng = random.Random(seed)
-    parts, total = [], 0
-    while total < num_chars:
-        recipe = _recipe(rng) + "\n\n"
-        parts.append(recipe)
-        total += len(recipe)
-    return "".join(parts)
+    return sample_documents(_recipe, num_chars, seed)

@@ -36,11 +36,7 @@ from torch import nn
 from llmlab.lora import (
     LoRAConfig,
     LoRALinear,
-    _check_module,
-    _no_match_error,
-    find_linear_modules,
-    mark_only_adapters_trainable,
-    replace_module,
+    wrap_matching_linears,
 )
 from llmlab.shapes import check_int, check_tensor
 
@@ -343,18 +339,13 @@ def prepare_qlora(
 
     >>> model = prepare_qlora(model, LoRAConfig.all_linear(r=16))
     """
-    _check_module("model", model)
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    names = find_linear_modules(model, config.target_modules, skip=(LoRALinear,))
-    if not names:
-        raise _no_match_error(model, config.target_modules)
-    for name in names:
-        linear = model.get_submodule(name)
-        layer = QLoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, nf4, compute_dtype)
-        replace_module(model, name, layer)
-    mark_only_adapters_trainable(model)
-    return model
+    return wrap_matching_linears(
+        model,
+        config,
+        lambda linear: QLoRALinear(
+            linear, config.r, config.alpha, config.dropout, config.use_rslora, nf4, compute_dtype
+        ),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
