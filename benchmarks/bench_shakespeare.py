@@ -9,14 +9,14 @@ their step counts, so that both see the same load on a shared machine; the wall 
 is the time spent in its own training steps, with the same number of torch threads.
 
 (a) ``ModelConfig.small`` (RoPE, pre-RMSNorm, SwiGLU, no biases, context 128) trained with
-    ``SMALL_RECIPE``: peak learning rate 5e-3 with 50 warm-up steps and cosine decay to 5e-4, and
-    1000 steps of 12 x 128 characters. Measured (2 threads, shared CPU): this recipe gives val
-    loss 1.762 at a wall-time ratio of 1.01 (benchmarks/results/bench_shakespeare.txt); an earlier
-    sequential run with lr 3e-3 -> 3e-4 and 750 steps of 16 x 128 gave 1.742
-    (benchmarks/results/bench_shakespeare_run1.txt), so 5e-3 is past the best learning rate and
-    larger steps cost no loss here. Against the baseline's 1.891, the gain comes from the higher
-    learning rate (nanoGPT's 1e-3 suits its 384-wide model; a 128-wide one trains faster at a few
-    times more) and the 128-character windows (each target sees up to twice the context). The
+    ``SMALL_RECIPE``: peak learning rate 3e-3 with 50 warm-up steps and cosine decay to 3e-4, and
+    750 steps of 16 x 128 characters. Measured (2 threads, benchmarks/results/bench_shakespeare.txt):
+    val loss 1.742 on the shared 64-character windows (1.721 scored at its own 128-character
+    context) against the baseline's 1.891, at 0.90 of the baseline's training time. A run with
+    lr 5e-3 -> 5e-4 and 1000 steps of 12 x 128 gave 1.762 at a time ratio of 1.01, so 3e-3 is closer
+    to the best learning rate. The gain over the baseline comes from the higher learning rate
+    (nanoGPT's 1e-3 suits its 384-wide model; a 128-wide one trains faster at a few times more), the
+    LLaMA-style blocks and the 128-character windows (each target sees up to twice the context). The
     target of 1.70 is not reached yet at this character budget.
 (b) ``ModelConfig.gpt2_baseline`` (learned positions, pre-LayerNorm, GELU, biases, tied
     embeddings, context 64) trained with ``TrainConfig.baby_gpt()``: lr 1e-3, 100 warm-up steps,
@@ -55,7 +55,7 @@ EVAL_BLOCK = 64  # validation windows: the baseline's context length
 
 BASELINE_RECIPE = dataclasses.replace(TrainConfig.baby_gpt(), eval_interval=10**9, eval_iters=1, progress=False)
 SMALL_RECIPE = dataclasses.replace(
-    BASELINE_RECIPE, lr=5e-3, min_lr=5e-4, warmup_iters=50, batch_size=12, block_size=128, max_iters=1000
+    BASELINE_RECIPE, lr=3e-3, min_lr=3e-4, warmup_iters=50, batch_size=16, block_size=128, max_iters=750
 )
 
 
@@ -100,19 +100,25 @@ def main() -> None:
     results = {}
     for name, t in trainers.items():
         val = heldout_loss(t.model, val_ids, EVAL_BLOCK, batch_size=64)
-        results[name] = {"params": t.model.num_parameters(), "val": val, "seconds": t.elapsed, "cfg": t.cfg}
+        # Each model also scored at its own training context, as nanoGPT reports its loss.
+        own = heldout_loss(t.model, val_ids, t.cfg.block_size, batch_size=64)
+        results[name] = {"params": t.model.num_parameters(), "val": val, "own": own, "seconds": t.elapsed,
+                         "cfg": t.cfg}
     print(f"interleaved training of both models: {total:.1f} s wall in all", flush=True)
     print()
     header = "recipe (lr peak->min, steps x batch x context)"
-    print(f"{'model':<14} {'params':>9} {header:<46} {'val loss':>8} {'train s':>8}")
+    print(f"{'model':<14} {'params':>9} {header:<46} {'val@64':>7} {'val@own':>7} {'train s':>8}")
     for name, r in results.items():
         c = r["cfg"]
         recipe = f"lr {c.lr:g}->{c.min_lr:g}, {c.max_iters} x {c.batch_size} x {c.block_size}"
-        print(f"{name:<14} {r['params']:>9,} {recipe:<46} {r['val']:>8.4f} {r['seconds']:>8.1f}")
+        print(f"{name:<14} {r['params']:>9,} {recipe:<46} {r['val']:>7.4f} {r['own']:>7.4f} {r['seconds']:>8.1f}")
     small, base = results["small"], results["gpt2_baseline"]
+    print("val@64: every model scored on the same 64-character windows; val@own: at its own training context")
     print(f"wall-time ratio small / baseline: {small['seconds'] / base['seconds']:.2f}")
-    print(f"target: small val loss <= 1.70 ({'met' if small['val'] <= 1.70 else 'NOT met'}), "
-          f"wall time <= baseline ({'met' if small['seconds'] <= base['seconds'] else 'NOT met'})")  # fmt: skip
+    for label, key in (("at 64 characters of context", "val"), ("at its own context", "own")):
+        print(f"target: small val loss <= 1.70 {label}: {'met' if small[key] <= 1.70 else 'NOT met'} "
+              f"({small[key]:.4f})")
+    print(f"target: wall time <= baseline: {'met' if small['seconds'] <= base['seconds'] else 'NOT met'}")
 
 
 if __name__ == "__main__":
