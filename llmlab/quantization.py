@@ -241,6 +241,21 @@ def bits_per_parameter(block_size: int = 64, double_quant: bool = True, scale_bl
 # Layers
 
 
+class _NF4MatMul(torch.autograd.Function):
+    """x W^T with W dequantized from NF4 in the forward pass and again in the backward pass, so autograd
+    keeps only the 4-bit weight for the backward, never a full-precision copy (bitsandbytes' 4-bit
+    matmul does the same). The weight is frozen: only x gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantized_weight().T  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_out @ ctx.layer.dequantized_weight(), None  # (..., in)
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 and dequantized for each forward.
 
@@ -288,8 +303,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.nf4_tensor(), self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)  # (..., out)
+        y = _NF4MatMul.apply(x.to(self.compute_dtype), self)  # (..., out); dequantized again in backward
+        return y if self.bias is None else y + self.bias.to(self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -266,3 +266,28 @@ def test_qlora_adapter_saves_and_resumes_on_a_requantized_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(resumed(IDS).logits, model(IDS).logits, rtol=0, atol=0)
     assert count_trainable_parameters(resumed)[0] == sum(v.numel() for v in lora_state_dict(model).values())
+
+
+def test_nf4_linear_keeps_no_full_precision_weight_for_backward():
+    """The dequantized weight is rebuilt in the backward pass: autograd saves no (out, in) float tensor,
+    and the gradient equals that of a plain linear layer with the dequantized weight."""
+    from llmlab.quantization import NF4Linear
+
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(torch.nn.Linear(256, 128))
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert not any(t.shape == (128, 256) and t.is_floating_point() for t in saved)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref, layer.dequantized_weight(), layer.bias)
+    torch.testing.assert_close(y, ref)
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
