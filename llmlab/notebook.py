@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,3 +91,13 @@ def load_result(name: str) -> dict:
         available = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
         raise ValueError(f"name must be one of the committed results {available}, got {name!r}")
     return json.loads(path.read_text())
+
+
+def save_result(result: dict, out) -> dict:
+    """Write an experiment result as the JSON that ``load_result`` reads, after recording the Python and
+    torch versions under ``"versions"``. ``result`` should already hold the producing ``"command"``."""
+    result["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -29,8 +29,6 @@ One thread and fixed seeds: the same machine and versions give the same numbers.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 
 from llmlab.data import generate_corpus, train_val_split
 from llmlab.model import LLM, ModelConfig
-from llmlab.notebook import seed_everything
+from llmlab.notebook import save_result, seed_everything
 from llmlab.tokenizer import CharTokenizer
 from llmlab.train import TrainConfig, heldout_loss, train
 
@@ -108,10 +106,7 @@ def run(iters: int, seeds: int, eval_windows: int, out: Path) -> dict:
                   f"({run_result['seconds']} s)", flush=True)  # fmt: skip
     result["command"] = (f"python scripts/ablation_llama_choices.py --iters {iters} --seeds {seeds} "
                          f"--eval-windows {eval_windows}")  # fmt: skip
-    result["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return save_result(result, out)
 
 
 def main() -> None:

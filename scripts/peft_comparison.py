@@ -49,8 +49,6 @@ The run is deterministic apart from the timings (fixed seeds, one thread).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -72,7 +70,7 @@ from llmlab.checkpoint import load_pretrained
 from llmlab.data import generate_corpus, get_batch, train_val_split
 from llmlab.flash_attention import measure_peak_memory
 from llmlab.lora import LoRAConfig, inject_lora
-from llmlab.notebook import seed_everything
+from llmlab.notebook import save_result, seed_everything
 from llmlab.peft_domain import generate_recipes
 from llmlab.prompt_tuning import PrefixConfig, PrefixModel, PromptConfig, SoftPromptModel, input_embedding
 from llmlab.quantization import NF4Config, prepare_qlora
@@ -323,10 +321,7 @@ def run_comparison(run: RunConfig, out: Path, methods: tuple[Method, ...] = METH
     flags += [f"--only {m.name!r}" for m in methods] if methods != METHODS else []
     result["command"] = " ".join(["python scripts/peft_comparison.py", *flags])
     result["total_seconds"] = round(time.perf_counter() - start, 1)
-    result["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return save_result(result, out)
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ thread).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 
 from llmlab.data import generate_corpus, train_val_split
 from llmlab.model import LLM, ModelConfig
-from llmlab.notebook import seed_everything
+from llmlab.notebook import save_result, seed_everything
 from llmlab.tokenizer import CharTokenizer
 from llmlab.train import TrainConfig, train
 
@@ -99,10 +97,7 @@ def run(iters: int, out: Path, corpus_chars: int = 300_000, windows: int = 64) -
                 scaled = at_length(model, EVAL_LEN, rope_scaling=scaling, rope_factor=factor)
                 result["loss_by_position"][name] = loss_per_position(scaled, x, y)
     result["command"] = f"python scripts/positional_extrapolation.py --iters {iters}"
-    result["versions"] = {"python": platform.python_version(), "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return save_result(result, out)
 
 
 def main() -> None:
