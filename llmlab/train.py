@@ -8,8 +8,11 @@ What it implements
   without restarts; the schedule of GPT-3 and LLaMA and of nanoGPT's ``get_lr``). With a time
   budget the decay follows the larger of the iteration and wall-time fractions, so a run cut by
   ``max_seconds`` still ends at ``min_lr``.
-- ``configure_optimizer``: decoupled weight decay (AdamW, Loshchilov and Hutter 2019) on the
-  matrices of linear layers only. Norm gains, biases and embedding tables (token and learned
+- ``configure_optimizer``: ``optimizer="adamw"`` (default): decoupled weight decay (AdamW,
+  Loshchilov and Hutter 2019) on the matrices of linear layers only. ``optimizer="muon"``:
+  ``llmlab.optim.Muon``, orthogonalized momentum on the matrices inside the blocks and AdamW on the
+  embeddings, the output head, norms and biases; ``muon_lr`` sets the Muon groups' peak learning
+  rate, which follows the same schedule. Norm gains, biases and embedding tables (token and learned
   position embeddings, and therefore a tied output head) are not decayed: pulling a gain toward 0
   or a rarely seen token's row toward the origin only hurts, which is the usual practice
   (nanoGPT decays every 2-D tensor including embeddings; Hugging Face's Trainer skips biases and
@@ -43,8 +46,11 @@ from torch import nn
 from tqdm import tqdm
 
 from llmlab.data import get_batch
+from llmlab.optim import Muon, muon_param_groups
 from llmlab.positional import LearnedPositionalEmbedding
-from llmlab.shapes import check_float, check_int, check_tensor
+from llmlab.shapes import check_choice, check_float, check_int, check_tensor
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)  # AdamW (beta1, beta2); beta2 0.99 suits small batches
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    optimizer: str = "adamw"  # "adamw", or "muon" (llmlab.optim.Muon on the blocks' matrices, AdamW on the rest)
+    muon_lr: float | None = None  # peak learning rate of the Muon matrices (None: lr); scheduled like lr
     eval_interval: int = 250  # evaluate every this many steps (and at the end)
     eval_iters: int = 20  # batches per split in each evaluation
     seed: int = 1337  # seeds the training batches (model init is seeded by the caller)
@@ -84,6 +92,9 @@ class TrainConfig:
         for i, b in enumerate(self.betas):
             check_float(f"betas[{i}]", b, 0.0, 1.0, high_open=True)
         check_float("grad_clip", self.grad_clip, low=0.0)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.muon_lr is not None:
+            check_float("muon_lr", self.muon_lr, low=0.0, low_open=True)
         check_int("eval_interval", self.eval_interval, minimum=1)
         check_int("eval_iters", self.eval_iters, minimum=1)
         check_int("seed", self.seed)
@@ -179,10 +190,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model, cfg.weight_decay)``."""
-    groups = param_groups(model, cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups(model, cfg.weight_decay)``, or with ``cfg.optimizer == "muon"``
+    ``llmlab.optim.Muon`` over ``muon_param_groups``. Each group carries ``lr_scale``, its peak
+    learning rate over ``cfg.lr`` (``muon_lr / lr`` for the Muon groups, 1 otherwise), which the
+    trainer multiplies into the scheduled learning rate."""
+    if cfg.optimizer == "adamw":
+        groups = [dict(g, lr_scale=1.0) for g in param_groups(model, cfg.weight_decay)]
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    scale = 1.0 if cfg.muon_lr is None else cfg.muon_lr / cfg.lr
+    groups = [dict(g, lr_scale=scale if g["use_muon"] else 1.0) for g in muon_param_groups(model, cfg.weight_decay)]
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +334,7 @@ class Trainer:
         start, cfg = time.perf_counter(), self.cfg
         lr = self.lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batches = [get_batch(self.train_data, cfg.batch_size, self.block_size, self.generator, cfg.device)
                    for _ in range(cfg.grad_accum_steps)]  # fmt: skip
         loss = accumulate_gradients(self.model, batches)
@@ -375,7 +395,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-override", action="append", default=[], metavar="FIELD=VALUE",
                    help="replace a ModelConfig field, e.g. n_layer=4 (repeatable)")  # fmt: skip
     p.add_argument("--train-preset", default="shipped", help="TrainConfig preset: tiny, baby_gpt or shipped")
-    for name in ("lr", "min_lr", "max_seconds", "weight_decay", "grad_clip"):
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS)
+    for name in ("lr", "min_lr", "max_seconds", "weight_decay", "grad_clip", "muon_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     for name in ("warmup_iters", "max_iters", "batch_size", "block_size", "grad_accum_steps", "eval_interval",
                  "eval_iters", "seed"):  # fmt: skip

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from llmlab.checkpoint import load_checkpoint, read_config
 from llmlab.data import generate_corpus, train_val_split
 from llmlab.model import LLM, ModelConfig
+from llmlab.optim import Muon
 from llmlab.tokenizer import CharTokenizer
 from llmlab.train import (
     TrainConfig,
+    Trainer,
     accumulate_gradients,
     evaluate_loss,
     heldout_loss,
@@ -69,6 +71,10 @@ def test_train_config_validation():
         TrainConfig(betas=(0.9,))
     with pytest.raises(ValueError, match="max_seconds"):
         TrainConfig(max_seconds=0.0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="muon_lr"):
+        TrainConfig(optimizer="muon", muon_lr=0.0)
     assert TrainConfig.baby_gpt().tokens_per_step == 12 * 64
     assert TrainConfig.baby_gpt().tokens_per_step * TrainConfig.baby_gpt().max_iters == 1_536_000
 
@@ -88,6 +94,25 @@ def test_no_decay_on_norms_biases_and_embeddings():
     assert all(n.endswith(".weight") and "norm" not in n and "embed" not in n for n in decay_names)
     assert any("q_proj" in n for n in decay_names) and any(n.endswith(".bias") for n in no_decay_names)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_muon_option_puts_block_matrices_under_muon_at_their_own_scheduled_lr(ids):
+    vocab, (train_ids, val_ids) = ids
+    model = tiny_model(vocab)
+    cfg = dataclasses.replace(TrainConfig.tiny(), optimizer="muon", lr=2e-3, min_lr=2e-4, muon_lr=1e-2, max_iters=4)
+    trainer = Trainer(model, train_ids, val_ids, cfg)
+    assert isinstance(trainer.optimizer, Muon)
+    muon_groups = [g for g in trainer.optimizer.param_groups if g["use_muon"]]
+    assert len(muon_groups) == 1 and len(muon_groups[0]["params"]) == 7 * model.config.n_layer
+    trainer.step()
+    for g in trainer.optimizer.param_groups:  # the first warm-up step's lr, scaled per group
+        peak = cfg.muon_lr if g["use_muon"] else cfg.lr
+        assert g["lr"] == pytest.approx(peak * lr_at(0, cfg) / cfg.lr)
+    while not trainer.done:
+        trainer.step()
+    assert trainer.history.step_loss[-1] < trainer.history.step_loss[0]
+    plain = Trainer(tiny_model(vocab), train_ids, val_ids, TrainConfig.tiny())
+    assert isinstance(plain.optimizer, torch.optim.AdamW)
 
 
 # --- gradient accumulation --------------------------------------------------------------------
@@ -156,11 +181,14 @@ def test_time_budget_stops_training(ids):
 def test_cli_trains_and_saves_a_checkpoint(tmp_path):
     out = tmp_path / "ck"
     meta = main(["--corpus-chars", "20000", "--preset", "tiny", "--train-preset", "tiny", "--max-iters", "4",
-                 "--model-override", "n_layer=1", "--out", str(out)])  # fmt: skip
+                 "--model-override", "n_layer=1", "--optimizer", "muon", "--muon-lr", "0.01",
+                 "--out", str(out)])  # fmt: skip
     model, tok = load_checkpoint(out)
     assert model.config.n_layer == 1 and tok.vocab_size == model.config.vocab_size
     config = read_config(out)
     assert config["metadata"]["command"].startswith("python -m llmlab.train --corpus-chars 20000")
     assert config["metadata"]["heldout"]["full_loss"] == pytest.approx(meta["heldout"]["full_loss"])
+    assert config["metadata"]["train_config"]["optimizer"] == "muon"
+    assert config["metadata"]["train_config"]["muon_lr"] == 0.01
     with pytest.raises(ValueError, match="ModelConfig field"):
         main(["--preset", "tiny", "--model-override", "n_layers=1", "--out", str(out)])
