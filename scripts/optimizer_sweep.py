@@ -14,7 +14,7 @@ so each is swept over the same log grid and compared at its best. Each seed fixe
 initialization and the batches, shared by every run of that seed. The result is written into the
 package (llmlab/results/optimizer_sweep.json), where the notebook reads it:
 
-    python scripts/optimizer_sweep.py            # about 8 minutes on a 2-core CPU, one thread
+    python scripts/optimizer_sweep.py            # about 4 minutes on a 2-core CPU, one thread
     python scripts/optimizer_sweep.py --iters 2 --seeds 1 --eval-windows 4 --out /tmp/x.json
 
 One thread and fixed seeds: the same machine and versions give the same numbers.
