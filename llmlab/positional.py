@@ -12,17 +12,26 @@ What it implements
   the two layouts differ only by a fixed permutation of the q and k projection rows). Scaling for
   longer inputs: linear position interpolation (Chen et al. 2023), static NTK-aware scaling of the
   base (bloc97, 2023) and dynamic NTK scaling as in transformers' ``dynamic`` rope type.
+- Frequency-dependent RoPE scaling, as released checkpoints declare it in ``rope_scaling``:
+  ``llama3_inv_freq`` (LLaMA-3.1: fast pairs kept, slow pairs interpolated by ``factor``, a smooth
+  blend in between; Meta's llama-models ``apply_scaling``) and ``yarn_inv_freq`` with
+  ``yarn_attention_factor`` (YaRN, Peng et al. 2023: a ramp over the pair index between the pairs
+  that turn ``beta_fast`` and ``beta_slow`` times within the original context, plus a temperature
+  on the attention logits). ``scaled_rope_inv_freq`` reads a ``rope_scaling`` dict and dispatches
+  like transformers' ``ROPE_INIT_FUNCTIONS``; ``cos_sin_from_inv_freq`` turns any frequencies into
+  the cos/sin tables ``apply_rope`` takes.
 - ALiBi (Press et al. 2022): ``alibi_slopes`` (with the paper's rule for head counts that are not
   powers of two, as in BLOOM) and ``alibi_bias``, the per-head linear distance penalty added to
   attention scores.
 
-What it leaves out: T5's bucketed relative bias, YaRN and LongRoPE, xPos, and partial rotary
+What it leaves out: T5's bucketed relative bias, LongRoPE, dynamic YaRN, xPos, and partial rotary
 dimensions. Tensors follow the shape letters of ``llmlab.shapes``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -191,9 +200,189 @@ def rope_cos_sin(
     inv_freq = rope_inv_freq(head_dim, base, dtype=work, device=pos.device)  # (D/2,) on the positions' device
     if scaling == "linear":
         inv_freq = inv_freq / factor  # same as dividing the positions by `factor`
-    angles = pos.to(work)[..., None] * inv_freq  # (..., T, D/2)
+    return cos_sin_from_inv_freq(pos, inv_freq, dtype=dtype)
+
+
+def cos_sin_from_inv_freq(
+    positions: int | torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_factor: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles p * inv_freq[i], duplicated to D = 2 * len(inv_freq) channels.
+
+    positions: a count T or integer positions (T,) / (B, T); inv_freq: (D/2,) from any of the
+    frequency functions here. Both tables are multiplied by ``attention_factor`` (YaRN's
+    temperature, as transformers applies it): q and k are then both scaled, so the attention
+    logits grow by ``attention_factor ** 2``. Returns ``(cos, sin)``, each (T, D) or (B, T, D).
+
+    >>> cos, sin = cos_sin_from_inv_freq(16, rope_inv_freq(8))
+    >>> cos.shape
+    torch.Size([16, 8])
+    """
+    pos = _positions_tensor(positions)
+    check_tensor("inv_freq", inv_freq, ndim=1, layout="(D/2,)")
+    attention_factor = check_float("attention_factor", attention_factor, low=0.0, low_open=True)
+    angles = pos.to(inv_freq.dtype)[..., None] * inv_freq  # (..., T, D/2)
     emb = torch.cat((angles, angles), dim=-1)  # (..., T, D): channel i and i + D/2 share an angle
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()  # (..., T, D) each
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Frequency-dependent RoPE scaling: LLaMA-3.1 ("llama3") and YaRN ("yarn")
+
+
+def llama3_inv_freq(
+    head_dim: int,
+    base: float,
+    *,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """LLaMA-3.1's RoPE frequencies (rope_type "llama3"). (D/2,)
+
+    With L = original_max_position_embeddings and wavelength 2 pi / w_i of pair i:
+    - wavelength < L / high_freq_factor (fast pairs, local order): w_i unchanged;
+    - wavelength > L / low_freq_factor (slow pairs): w_i / factor, i.e. position interpolation;
+    - in between: (1 - s) w_i / factor + s w_i with s = (L / wavelength - low) / (high - low).
+    The clamp of s to [0, 1] gives the two outer cases. Follows Meta's ``apply_scaling``
+    (llama-models, LLaMA-3.1 reference code) and transformers' ``_compute_llama3_parameters``.
+
+    >>> w = llama3_inv_freq(128, 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    ...                     original_max_position_embeddings=8192)
+    >>> w.shape
+    torch.Size([64])
+    """
+    factor = check_float("factor", factor, low=1.0)
+    low = check_float("low_freq_factor", low_freq_factor, low=0.0, low_open=True)
+    high = check_float("high_freq_factor", high_freq_factor, low=0.0, low_open=True)
+    if high <= low:
+        raise ValueError(f"high_freq_factor must be > low_freq_factor={low:g}, got {high:g}")
+    old_len = check_int("original_max_position_embeddings", original_max_position_embeddings, minimum=1)
+    inv_freq = rope_inv_freq(head_dim, base, dtype=dtype)  # (D/2,)
+    wavelength = 2 * math.pi / inv_freq  # (D/2,) positions per full turn
+    smooth = ((old_len / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # (D/2,) 1 = keep
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq  # (D/2,)
+
+
+def yarn_attention_factor(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's scale of q and k: sqrt(1/t) = 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1).
+
+    Peng et al. 2023, section 3.4 (fitted on LLaMA): the logits q.k/sqrt(D) are divided by the
+    temperature t, which softens the sharpening that interpolated frequencies cause.
+    """
+    factor = check_float("factor", factor, low=0.0, low_open=True)
+    mscale = check_float("mscale", mscale)
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_pair_index(rotations: float, head_dim: int, base: float, old_len: int) -> float:
+    """The (fractional) pair index i whose angle turns ``rotations`` times over ``old_len``
+    positions: old_len * base^(-2i/D) = 2 pi * rotations, solved for i."""
+    return head_dim * math.log(old_len / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+
+def yarn_inv_freq(
+    head_dim: int,
+    base: float,
+    *,
+    factor: float,
+    original_max_position_embeddings: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """YaRN's RoPE frequencies ("NTK-by-parts", rope_type "yarn"). (D/2,)
+
+    Pairs that turn more than ``beta_fast`` times within the original context L keep w_i
+    (extrapolation: local order stays sharp); pairs that turn less than ``beta_slow`` times get
+    w_i / factor (interpolation); between the two boundary pair indices the blend is linear in
+    the pair index. ``truncate`` rounds the boundaries outward (floor / ceil), as YaRN's reference
+    code and transformers do. Use with ``yarn_attention_factor`` on the attention logits.
+
+    >>> yarn_inv_freq(64, 10000.0, factor=4.0, original_max_position_embeddings=2048).shape
+    torch.Size([32])
+    """
+    head_dim = _even_dim("head_dim", head_dim)
+    base = check_float("base", base, low=1.0, low_open=True)
+    factor = check_float("factor", factor, low=1.0)
+    old_len = check_int("original_max_position_embeddings", original_max_position_embeddings, minimum=1)
+    fast = check_float("beta_fast", beta_fast, low=0.0, low_open=True)
+    slow = check_float("beta_slow", beta_slow, low=0.0, low_open=True)
+    if fast <= slow:
+        raise ValueError(f"beta_fast must be > beta_slow={slow:g}, got {fast:g}")
+    lo = _yarn_pair_index(fast, head_dim, base, old_len)  # below: fast pairs, kept
+    hi = _yarn_pair_index(slow, head_dim, base, old_len)  # above: slow pairs, interpolated
+    if truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if hi == lo:
+        hi += 0.001  # a step instead of a ramp; avoids dividing by zero
+    inv_freq = rope_inv_freq(head_dim, base, dtype=dtype)  # (D/2,)
+    pair = torch.arange(head_dim // 2, dtype=dtype)  # (D/2,)
+    ramp = ((pair - lo) / (hi - lo)).clamp(0.0, 1.0)  # (D/2,) 0 = keep, 1 = interpolate
+    return inv_freq * (1 - ramp) + (inv_freq / factor) * ramp  # (D/2,)
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def scaled_rope_inv_freq(
+    head_dim: int, base: float, rope_scaling: Mapping[str, object] | None = None
+) -> tuple[torch.Tensor, float]:
+    """Frequencies (D/2,) and attention factor for a config's ``rope_scaling`` dict.
+
+    ``rope_scaling`` uses the published field names (``rope_type``, ``factor``,
+    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``,
+    ``beta_fast``, ``beta_slow``, ``mscale``, ``attention_factor``), as in a model's
+    ``config.json``; None or rope_type "default" means plain RoPE.
+
+    >>> w, a = scaled_rope_inv_freq(128, 500000.0, {"rope_type": "linear", "factor": 2.0})
+    >>> a
+    1.0
+    """
+    if rope_scaling is None:
+        return rope_inv_freq(head_dim, base), 1.0
+    if not isinstance(rope_scaling, Mapping):
+        raise TypeError(f"rope_scaling must be a mapping or None, got {type(rope_scaling).__name__}")
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    check_choice("rope_scaling['rope_type']", kind, ROPE_TYPES)
+    if kind == "default":
+        return rope_inv_freq(head_dim, base), 1.0
+    if "factor" not in rope_scaling:
+        raise ValueError(f"rope_scaling of type {kind!r} needs 'factor', got keys {sorted(rope_scaling)}")
+    factor = check_float("rope_scaling['factor']", rope_scaling["factor"], low=1.0)
+    if kind == "linear":
+        return rope_inv_freq(head_dim, base) / factor, 1.0
+    old_len = rope_scaling.get("original_max_position_embeddings")
+    if old_len is None:
+        raise ValueError(f"rope_scaling of type {kind!r} needs 'original_max_position_embeddings'")
+    if kind == "llama3":
+        inv_freq = llama3_inv_freq(
+            head_dim, base, factor=factor, low_freq_factor=rope_scaling["low_freq_factor"],
+            high_freq_factor=rope_scaling["high_freq_factor"], original_max_position_embeddings=old_len,
+        )
+        return inv_freq, 1.0
+    inv_freq = yarn_inv_freq(
+        head_dim, base, factor=factor, original_max_position_embeddings=old_len,
+        beta_fast=rope_scaling.get("beta_fast") or 32.0, beta_slow=rope_scaling.get("beta_slow") or 1.0,
+        truncate=rope_scaling.get("truncate", True),
+    )
+    attention_factor = rope_scaling.get("attention_factor")
+    mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if attention_factor is None and mscale and mscale_all_dim:
+        # DeepSeek-V2's variant: a ratio of two such factors (1 when mscale == mscale_all_dim)
+        attention_factor = yarn_attention_factor(factor, mscale) / yarn_attention_factor(factor, mscale_all_dim)
+    elif attention_factor is None:
+        attention_factor = yarn_attention_factor(factor)
+    return inv_freq, float(attention_factor)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

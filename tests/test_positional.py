@@ -1,11 +1,13 @@
-"""llmlab.positional against transformers (Llama RoPE, BLOOM ALiBi), the sinusoidal formula of
-"Attention Is All You Need", and the invariants each encoding is chosen for."""
+"""llmlab.positional against transformers (Llama RoPE and its "llama3" and "yarn" scalings, BLOOM
+ALiBi), the sinusoidal formula of "Attention Is All You Need", and the invariants each encoding is
+chosen for."""
 
 import math
 
 import pytest
 import torch
 from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -14,10 +16,16 @@ from llmlab.positional import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
+    cos_sin_from_inv_freq,
+    llama3_inv_freq,
     ntk_scaled_base,
     rope_cos_sin,
+    rope_inv_freq,
+    scaled_rope_inv_freq,
     sinusoidal_encoding,
     sinusoidal_shift_matrix,
+    yarn_attention_factor,
+    yarn_inv_freq,
 )
 
 
@@ -173,6 +181,121 @@ def test_alibi_bias_is_linear_in_distance():
             torch.testing.assert_close(bias[:, i, j], -slopes * abs(i - j))
 
 
+# --- LLaMA-3.1 ("llama3") and YaRN scaling vs transformers' ROPE_INIT_FUNCTIONS ----------------
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
+def hf_config(head_dim, base, rope_scaling, max_pos=None):
+    heads = 2
+    if max_pos is None:  # the extended context the scaling is for
+        max_pos = int(rope_scaling["factor"] * rope_scaling["original_max_position_embeddings"])
+    return LlamaConfig(hidden_size=head_dim * heads, num_attention_heads=heads, max_position_embeddings=max_pos,
+                       rope_parameters={"rope_theta": base, **rope_scaling})
+
+
+@pytest.mark.parametrize(
+    "head_dim,base,params",
+    [
+        (128, 500000.0, LLAMA31),  # LLaMA-3.1's published values
+        (64, 10000.0, {**LLAMA31, "factor": 4.0, "original_max_position_embeddings": 256}),
+        (32, 10000.0, {**LLAMA31, "factor": 2.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                       "original_max_position_embeddings": 512}),
+    ],
+)
+def test_llama3_inv_freq_equals_transformers(head_dim, base, params):
+    config = hf_config(head_dim, base, params)
+    ref, ref_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    kwargs = {k: v for k, v in params.items() if k != "rope_type"}
+    torch.testing.assert_close(llama3_inv_freq(head_dim, base, **kwargs), ref, rtol=1e-6, atol=0)
+    ours, ours_factor = scaled_rope_inv_freq(head_dim, base, params)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert ours_factor == ref_factor == 1.0
+
+
+@pytest.mark.parametrize(
+    "head_dim,base,params",
+    [
+        (128, 10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}),
+        (64, 10000.0, {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048,
+                       "beta_fast": 16.0, "beta_slow": 2.0}),
+        (64, 500000.0, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192,
+                        "truncate": False}),
+        (32, 10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                       "attention_factor": 1.5}),
+        (64, 10000.0, {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                       "mscale": 0.707, "mscale_all_dim": 0.707}),  # DeepSeek-V2's form
+        (64, 10000.0, {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                       "mscale": 1.0, "mscale_all_dim": 0.5}),
+    ],
+)
+def test_yarn_inv_freq_and_attention_factor_equal_transformers(head_dim, base, params):
+    config = hf_config(head_dim, base, params)
+    ref, ref_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    ours, ours_factor = scaled_rope_inv_freq(head_dim, base, params)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert ours_factor == pytest.approx(ref_factor, rel=1e-12)
+
+
+def test_yarn_cos_sin_equal_llama_rotary_embedding():
+    params = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    rotary = LlamaRotaryEmbedding(hf_config(32, 10000.0, params, max_pos=256))
+    positions = torch.arange(0, 256, 3)[None]  # (1, T)
+    cos_ref, sin_ref = rotary(torch.zeros(1, 1, 32), positions)
+    inv_freq, factor = scaled_rope_inv_freq(32, 10000.0, params)
+    cos, sin = cos_sin_from_inv_freq(positions, inv_freq, attention_factor=factor)
+    assert factor > 1.0  # the temperature really is applied: cos^2 + sin^2 = factor^2, not 1
+    torch.testing.assert_close(cos, cos_ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(sin, sin_ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(cos**2 + sin**2, torch.full_like(cos, factor**2))
+
+
+def test_llama3_keeps_fast_pairs_and_interpolates_slow_pairs():
+    inv = rope_inv_freq(128, 500000.0)
+    scaled = llama3_inv_freq(128, 500000.0, **{k: v for k, v in LLAMA31.items() if k != "rope_type"})
+    wavelength = 2 * math.pi / inv
+    fast, slow = wavelength < 8192 / 4, wavelength > 8192 / 1
+    assert fast.any() and slow.any() and not (fast & slow).any()
+    torch.testing.assert_close(scaled[fast], inv[fast])
+    torch.testing.assert_close(scaled[slow], inv[slow] / 8.0)
+    middle = ~fast & ~slow
+    assert middle.any()
+    assert ((scaled[middle] < inv[middle]) & (scaled[middle] > inv[middle] / 8.0)).all()
+    assert (scaled[1:] <= scaled[:-1]).all()  # still sorted from fast to slow
+
+
+def test_yarn_ramp_boundaries_follow_beta():
+    # D = 64, base 10000, L = 2048: pair i turns 2048 * 10000^(-2i/64) / (2 pi) times
+    inv = rope_inv_freq(64, 10000.0)
+    scaled = yarn_inv_freq(64, 10000.0, factor=4.0, original_max_position_embeddings=2048)
+    turns = 2048 * inv / (2 * math.pi)
+    kept, interpolated = turns > 32, turns < 1
+    torch.testing.assert_close(scaled[kept], inv[kept])
+    torch.testing.assert_close(scaled[interpolated], inv[interpolated] / 4.0)
+    assert not torch.equal(scaled, inv) and not torch.equal(scaled, inv / 4.0)
+
+
+def test_scaling_with_factor_one_changes_nothing():
+    inv = rope_inv_freq(64, 10000.0)
+    torch.testing.assert_close(llama3_inv_freq(64, 10000.0, factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                               original_max_position_embeddings=128), inv)
+    torch.testing.assert_close(yarn_inv_freq(64, 10000.0, factor=1.0, original_max_position_embeddings=128), inv)
+    assert yarn_attention_factor(1.0) == 1.0
+    assert yarn_attention_factor(math.e) == pytest.approx(1.1)
+
+
+def test_cos_sin_from_inv_freq_equals_rope_cos_sin():
+    positions = torch.arange(40)
+    cos_a, sin_a = rope_cos_sin(positions, 16, 10000.0, scaling="linear", factor=2.0)
+    cos_b, sin_b = cos_sin_from_inv_freq(positions, rope_inv_freq(16) / 2.0)
+    torch.testing.assert_close(cos_a, cos_b)
+    torch.testing.assert_close(sin_a, sin_b)
+    inv, factor = scaled_rope_inv_freq(16, 10000.0, None)
+    torch.testing.assert_close(inv, rope_inv_freq(16))
+    assert factor == 1.0
+
+
 # --- clear errors --------------------------------------------------------------------------------
 
 
@@ -194,6 +317,21 @@ def test_alibi_bias_is_linear_in_distance():
         (lambda: alibi_slopes(0), ValueError, "num_heads must be an integer >= 1"),
         (lambda: alibi_bias(4, 5, 3), ValueError, "q_len must be <= k_len"),
         (lambda: LearnedPositionalEmbedding(0, 4), ValueError, "max_positions"),
+        (lambda: llama3_inv_freq(8, 1e4, factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0,
+                                 original_max_position_embeddings=64), ValueError, "high_freq_factor must be >"),
+        (lambda: llama3_inv_freq(8, 1e4, factor=0.5, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=64), ValueError, "factor must be"),
+        (lambda: yarn_inv_freq(8, 1e4, factor=4.0, original_max_position_embeddings=64, beta_fast=1.0,
+                               beta_slow=32.0), ValueError, "beta_fast must be >"),
+        (lambda: yarn_inv_freq(8, 1e4, factor=4.0, original_max_position_embeddings=0), ValueError,
+         "original_max_position_embeddings"),
+        (lambda: scaled_rope_inv_freq(8, 1e4, {"rope_type": "longrope", "factor": 2.0}), ValueError,
+         "rope_type'\\] must be one of"),
+        (lambda: scaled_rope_inv_freq(8, 1e4, {"rope_type": "yarn", "factor": 2.0}), ValueError,
+         "original_max_position_embeddings"),
+        (lambda: scaled_rope_inv_freq(8, 1e4, {"rope_type": "llama3"}), ValueError, "needs 'factor'"),
+        (lambda: scaled_rope_inv_freq(8, 1e4, [("factor", 2.0)]), TypeError, "rope_scaling must be a mapping"),
+        (lambda: cos_sin_from_inv_freq(4, torch.ones(2, 2)), ValueError, "inv_freq must have"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):
