@@ -1,6 +1,8 @@
 # llmlab: two commands do everything.
 #   make lab    set up .venv and open the notebooks in JupyterLab
+#               (more JupyterLab options: make lab LAB_ARGS="--port 8890 --no-browser")
 #   make test   set up .venv and run lint, unit tests and strict nbval on every notebook
+# Also: make test-colab (the collection as Colab runs it; downloads several GB the first time).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -14,9 +16,12 @@ export HF_HUB_OFFLINE := 1
 # the other pytest worker and the notebook kernels several times over.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: lab test install lint unit nbval notebooks check-notebooks bench clean
+.PHONY: lab test test-colab install lint unit nbval notebooks check-notebooks bench clean
 
-install: $(STAMP)
+# JupyterLab settings for this project's environment (no news pop-up): copied into the venv.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+
+install: $(STAMP) $(LAB_SETTINGS)
 
 # Re-install only when the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -25,11 +30,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-# Containers often run as root, which JupyterLab refuses unless told otherwise.
-LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+$(LAB_SETTINGS): jupyter/overrides.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp jupyter/overrides.json $@
+
+# Containers often run as root, which JupyterLab refuses unless told otherwise. LAB_ARGS is added
+# after these defaults, so extra options never drop them.
+LAB_DEFAULTS := --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+LAB_ARGS ?=
 
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_FLAGS)
+	$(BIN)/jupyter lab $(LAB_DEFAULTS) $(LAB_ARGS)
 
 lint: install
 	$(BIN)/ruff check llmlab tests notebooks scripts benchmarks
@@ -54,6 +65,11 @@ nbval: install
 NB ?= notebooks/*.ipynb
 notebooks: install
 	$(BIN)/python scripts/nbtools.py execute $(NB)
+
+# The collection as Colab runs it (its torch, transformers and peft; the wheel installed; notebooks
+# outside the repository). Not part of `make test`. See scripts/test_colab.sh.
+test-colab: install
+	bash scripts/test_colab.sh
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

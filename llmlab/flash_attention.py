@@ -36,6 +36,7 @@ import contextlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -503,15 +504,26 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device | str = "
         return result, torch.cuda.max_memory_allocated(device) - start
     if device.type != "cpu":
         raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_fd2():
+    with _quiet_profiler():
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
         prof.start()
     try:
         result = fn()
     finally:
-        with _quiet_fd2():
+        with _quiet_profiler():
             prof.stop()
     return result, _peak_from_profile(prof)
+
+
+@contextlib.contextmanager
+def _quiet_profiler():
+    """Silence the profiler's own chatter around start and stop: its C++ side logs a line on file
+    descriptor 2, and some torch releases (2.11 among them) warn that "Profiler clears events at the
+    end of each cycle", which concerns scheduled multi-cycle profiling, not this single cycle."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Profiler clears events")
+        with _quiet_fd2():
+            yield
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ def setup(seed: int = 0, threads: int = 1, device: str = "cpu") -> torch.device:
     seed_everything(seed)
     torch.set_num_threads(check_int("threads", threads, minimum=1))
     dev = pick_device(device)
+    short_tracebacks()
     import transformers  # imported here so that `import llmlab` stays light
 
     print(
@@ -48,6 +49,24 @@ def setup(seed: int = 0, threads: int = 1, device: str = "cpu") -> torch.device:
         f"transformers {transformers.__version__} | numpy {np.__version__} | device {dev}"
     )
     return dev
+
+
+def short_tracebacks() -> bool:
+    """In IPython, show an exception as its last line only (``%xmode Minimal``).
+
+    The notebooks demonstrate llmlab's error messages in cells tagged ``raises-exception``; the
+    message is the point, and a full traceback would store file paths of the machine that ran it.
+    Returns True when an IPython shell was found (outside IPython this does nothing).
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # plain Python: tracebacks are the interpreter's own
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    shell.InteractiveTB.set_mode(mode="Minimal")  # what %xmode Minimal does, without its print
+    return True
 
 
 def pick_device(device: str = "cpu") -> torch.device:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from llmlab.data import get_batch
 from llmlab.optim import Muon, muon_param_groups

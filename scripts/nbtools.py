@@ -16,12 +16,12 @@ stored outputs with a fresh run.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -45,15 +45,28 @@ def badge(notebook_name: str) -> str:
     return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(notebook_name)})"
 
 
-def setup_preamble() -> list[str]:
-    """The first lines of every setup cell: install llmlab on Colab only."""
+def setup_preamble(extras: tuple[str, ...] = ()) -> list[str]:
+    """The first lines of every setup cell: install llmlab on Colab only, with the notebook's extras
+    (named in pyproject.toml's [project.optional-dependencies], e.g. "peft")."""
+    name = f"llmlab[{','.join(extras)}]" if extras else "llmlab"
     return [
         "# Setup. On Colab, install llmlab from the project repository; locally `make lab` already did.",
         "import sys",
         "",
         'if "google.colab" in sys.modules:',
-        f'    %pip install --quiet "llmlab @ git+{repo_url()}"',
+        f'    %pip install --quiet "{name} @ git+{repo_url()}"',
     ]
+
+
+def optional_dependencies() -> dict[str, list[str]]:
+    """The package's named extras, from pyproject.toml."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return meta["project"].get("optional-dependencies", {})
+
+
+def notebook_extras(nb) -> tuple[str, ...]:
+    """The extras a notebook declares in its metadata ({"llmlab": {"extras": [...]}}), sorted."""
+    return tuple(sorted(nb.metadata.get("llmlab", {}).get("extras", [])))
 
 
 def _source(cell) -> str:
@@ -76,8 +89,12 @@ def problems(path: Path) -> list[str]:
     if setup.cell_type != "code":
         found.append(f"{path.name}: cell 2 must be the setup code cell")
         return found
+    extras = notebook_extras(nb)
+    unknown = sorted(set(extras) - set(optional_dependencies()))
+    if unknown:
+        found.append(f"{path.name}: metadata names extras {unknown} that pyproject.toml does not define")
     lines = _source(setup).splitlines()
-    if lines[: len(setup_preamble())] != setup_preamble():
+    if lines[: len(setup_preamble(extras))] != setup_preamble(extras):
         found.append(f"{path.name}: setup cell must start with the generated Colab install preamble")
     if SETUP_TAG not in setup.metadata.get("tags", []):
         found.append(f"{path.name}: setup cell must be tagged {SETUP_TAG}")
@@ -126,7 +143,7 @@ def fix(path: Path) -> bool:
     lines = _source(setup).splitlines()
     pip_line = next((i for i, line in enumerate(lines) if "%pip install" in line), None)
     rest = lines[pip_line + 1 :] if pip_line is not None else lines
-    setup.source = "\n".join(setup_preamble() + rest)
+    setup.source = "\n".join(setup_preamble(notebook_extras(nb)) + rest)
     setup.metadata["tags"] = sorted(set(setup.metadata.get("tags", [])) | {SETUP_TAG})
     after = nbformat.writes(nb)
     if after != before:
@@ -135,7 +152,8 @@ def fix(path: Path) -> bool:
 
 
 def execute(path: Path, timeout: int = 600) -> float:
-    """Run a notebook top to bottom in a fresh kernel, in its own folder; store outputs; return seconds."""
+    """Run a notebook top to bottom in a fresh kernel, in its own folder; store outputs in the form
+    JupyterLab saves them; write the measured time into the header's "Time to run" line; return seconds."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -154,14 +172,111 @@ def execute(path: Path, timeout: int = 600) -> float:
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
     nb.metadata.pop("widgets", None)
-    nbformat.write(nb, path)
+    set_time_to_run(nb, seconds)
+    nbformat.write(as_jupyterlab_saves(nb), path)
     return seconds
+
+
+# The header line that says how long a notebook takes; `execute` rewrites it from its measurement.
+TIME_TO_RUN_RE = re.compile(r"^\*\*Time to run\*\*:.*$", re.MULTILINE)
+
+
+def time_to_run_line(seconds: float) -> str:
+    """The header's run-time line for a measured wall time (kernel start to last cell)."""
+    return (f"**Time to run**: {math.ceil(seconds)} s, measured on a 2-core CPU by `make notebooks` "
+            "(kernel start to last cell).")
+
+
+def set_time_to_run(nb, seconds: float) -> None:
+    """Replace the "Time to run" line of the header cell with the measured time."""
+    header = nb.cells[0]
+    text = _source(header)
+    if not TIME_TO_RUN_RE.search(text):
+        raise ValueError("the header cell has no '**Time to run**:' line to update")
+    header.source = TIME_TO_RUN_RE.sub(time_to_run_line(seconds), text, count=1)
+
+
+# --- What JupyterLab does to a notebook it opens and saves -------------------------------------
+# JupyterLab (4.x, @jupyterlab/outputarea) loads each output list through its output-area model:
+# consecutive stream outputs of the same name become one, and their text is run through a small
+# terminal emulation ("\r" returns to the start of the line, "\b" deletes a character). The kernel
+# it starts writes its own kernel spec into the metadata. The server then writes the notebook
+# with nbformat. A file already in that form is saved back byte for byte.
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+def terminal_text(text: str, existing: str = "", cursor: int | None = None) -> tuple[str, int]:
+    """Write ``text`` into ``existing`` at ``cursor`` the way JupyterLab's output area does.
+
+    Plain characters overwrite from the cursor on; "\r" moves the cursor back to the start of its
+    line; "\b" deletes the character before the cursor unless that is a line start; "\n" appends a
+    newline at the end and moves the cursor there. Returns (new text, new cursor).
+
+    >>> terminal_text("10%\r100%\n")
+    ('100%\n', 5)
+    """
+    cursor = len(existing) if cursor is None else cursor
+    out = existing
+    for piece in re.split(r"([\n\r\b])", text):
+        if piece == "\n":
+            out += "\n"
+            cursor = len(out)
+        elif piece == "\r":
+            while cursor > 0 and out[cursor - 1] != "\n":
+                cursor -= 1
+        elif piece == "\b":
+            if cursor > 0 and out[cursor - 1] != "\n":
+                out = out[: cursor - 1] + out[cursor:]
+                cursor -= 1
+        elif piece:
+            out = out[:cursor] + piece + out[cursor + len(piece) :]
+            cursor += len(piece)
+    return out, cursor
+
+
+def jupyterlab_outputs(outputs: list) -> list:
+    """One cell's outputs as JupyterLab's output area holds them (streams merged and emulated)."""
+    import nbformat
+
+    merged, cursor, last_stream = [], 0, ""
+    for output in outputs:
+        if output.get("output_type") != "stream":
+            merged.append(output)
+            last_stream = ""
+            continue
+        text = output["text"] if isinstance(output["text"], str) else "".join(output["text"])
+        if output["name"] == last_stream and merged:
+            previous = merged[-1]
+            previous["text"], cursor = terminal_text(text, previous["text"], cursor)
+        else:
+            text, cursor = terminal_text(text, "", 0)
+            merged.append(nbformat.v4.new_output("stream", name=output["name"], text=text))
+            last_stream = output["name"]
+    return merged
+
+
+def as_jupyterlab_saves(nb):
+    """The notebook as JupyterLab writes it after opening it (and starting its kernel) and saving."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = jupyterlab_outputs(cell.outputs)
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    return nb
+
+
+def jupyterlab_saved_text(path: Path) -> str:
+    """The exact text JupyterLab would write back for the notebook at ``path``."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    text = nbformat.writes(as_jupyterlab_saves(nb), version=nbformat.NO_CONVERT)
+    return text if text.endswith("\n") else text + "\n"
 
 
 NEW_OUTLINE = [
     ("markdown", "# {title}\n\n{badge}\n\n**Questions this notebook answers**\n\n"
      "- English question? (中文原题)\n\n**After reading you can explain** ...\n\n"
-     "**Time to run**: about N s on a laptop CPU."),
+     "**Time to run**: not measured yet (`make notebooks` writes it)."),
     ("code", "\n".join(["{preamble}", "", "import torch", "", "import llmlab", "", "llmlab.setup_notebook(seed=0)"])),
     ("markdown", "## Short answer\n\n..."),
     ("markdown", "## 1. Build-up\n\n..."),
@@ -183,7 +298,7 @@ def new(stem: str, title: str) -> Path:
         make = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
         nb.cells.append(make(text.format(**fill)))
     nb.cells[1].metadata["tags"] = [SETUP_TAG]
-    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nbformat.write(nb, path)
     return path
 

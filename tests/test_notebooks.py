@@ -95,3 +95,174 @@ def test_readme_lists_the_notebook_with_its_badge(path):
     readme = (ROOT / "README.md").read_text()
     assert f"notebooks/{path.name}" in readme
     assert nbtools.colab_url(path.name) in readme
+
+
+# --- The short answer (NOTEBOOK_STANDARD.md, item 3) --------------------------------------------
+SHORT_ANSWER_PARTS = ("Say this", "中文回答", "The numbers behind it")
+PART_RE = re.compile(r"^\*\*(Say this|中文回答|The numbers behind it)\*\*[ \t]*$", re.MULTILINE)
+MAX_SAY_THIS_WORDS = 150
+MAX_CHINESE_CHARACTERS = 300
+
+
+def short_answer_parts(markdown: str) -> dict[str, str]:
+    """The three parts of a "## Short answer" cell, by name, in the order they appear."""
+    pieces = PART_RE.split(markdown)
+    return dict(zip(pieces[1::2], (p.strip() for p in pieces[2::2]), strict=True))
+
+
+def spoken_words(text: str) -> int:
+    """Words a speaker says: each $...$ math span counts as one word."""
+    return len(re.findall(r"[A-Za-z0-9][A-Za-z0-9'\-\.]*", re.sub(r"\$[^$]*\$", "x", text)))
+
+
+def test_short_answer_parser_and_limits_can_fail():
+    text = "## Short answer\n\n**Say this**\n\nOne two $x^2$ three.\n\n**中文回答**\n\n一二 三\n\n" \
+           "**The numbers behind it**\n\n- [C1] 4 s"
+    parts = short_answer_parts(text)
+    assert list(parts) == list(SHORT_ANSWER_PARTS)
+    assert spoken_words(parts["Say this"]) == 4
+    assert len(re.sub(r"\s", "", parts["中文回答"])) == 3
+    assert "中文回答" not in short_answer_parts("**Say this**\n\nhi\n\n**The numbers behind it**\n\n- x")
+
+
+def _short_answer(path) -> str:
+    cells = nbformat.read(path, as_version=4).cells
+    found = [_src(c) for c in cells if c.cell_type == "markdown" and _src(c).startswith("## Short answer")]
+    assert len(found) == 1, "exactly one markdown cell starts with '## Short answer'"
+    return found[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_short_answer_has_the_three_parts_within_their_limits(path):
+    parts = short_answer_parts(_short_answer(path))
+    assert list(parts) == list(SHORT_ANSWER_PARTS), f"parts found {list(parts)}, expected {SHORT_ANSWER_PARTS}"
+    words = spoken_words(parts["Say this"])
+    assert 0 < words <= MAX_SAY_THIS_WORDS, f"'Say this' has {words} words (at most {MAX_SAY_THIS_WORDS})"
+    chinese = re.sub(r"\s", "", parts["中文回答"])
+    assert len(CJK.findall(chinese)) > len(chinese) / 2, "the Chinese answer is mostly not Chinese"
+    assert len(chinese) <= MAX_CHINESE_CHARACTERS, (
+        f"'中文回答' has {len(chinese)} characters (at most {MAX_CHINESE_CHARACTERS})"
+    )
+    numbers = parts["The numbers behind it"]
+    bullets = [line for line in numbers.splitlines() if line.startswith("- ")]
+    assert bullets, "'The numbers behind it' is a list of '- ' bullets"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_claim_tag_of_the_short_answer_has_a_check_cell(path):
+    tags = set(re.findall(r"\[(C\d+)\]", _short_answer(path)))
+    assert tags, "the short answer tags its claims [C1], [C2], ... with the checks that back them"
+    code = "\n".join(_src(c) for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    missing = sorted((t for t in tags if not re.search(rf"\b{t}\b", code)), key=lambda t: int(t[1:]))
+    assert not missing, f"claims without a check cell that names them: {missing}"
+
+
+# --- Clean outputs (NOTEBOOK_STANDARD.md, "Clean outputs") ---------------------------------------
+MACHINE_PATH_RE = re.compile(r"site-packages|(?<![\w:/.~-])/(?:[\w.-]+/){2,}[\w.-]+")
+
+
+def _output_texts(output) -> list[str]:
+    texts = [output.get("text", "")] if output.get("output_type") == "stream" else []
+    texts += [v if isinstance(v, str) else "".join(v) for k, v in output.get("data", {}).items()
+              if k.startswith("text/")]
+    texts += output.get("traceback", [])
+    return [t if isinstance(t, str) else "".join(t) for t in texts]
+
+
+def test_machine_path_scan_can_fail():
+    assert MACHINE_PATH_RE.search("/home/alice/llmlab/notebooks/x.py:3: Warning")
+    assert MACHINE_PATH_RE.search(f"{ROOT}/llmlab/model.py")
+    assert not MACHINE_PATH_RE.search("see https://arxiv.org/abs/2104.09864 and notebooks/03_x.ipynb")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_stored_output_shows_a_machine_path(path):
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for output in cell.get("outputs", []):
+            for text in _output_texts(output):
+                hit = MACHINE_PATH_RE.search(text) or (str(ROOT) in text and str(ROOT))
+                assert not hit, f"cell {i} stores a machine path: {text[:300]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_error_cells_show_the_error_line_only(path):
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.output_type == "error":
+                assert len(output.traceback) == 1, f"a {output.ename} shows a {len(output.traceback)}-line traceback"
+
+
+MAX_CODE_LINE = 100
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_lines_fit_a_laptop_screen(path):
+    long = [line for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"
+            for line in _src(c).splitlines() if len(line) > MAX_CODE_LINE]
+    assert not long, f"{len(long)} code lines over {MAX_CODE_LINE} characters, e.g. {long[0]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_open_and_save_in_jupyterlab_leaves_the_file_unchanged(path):
+    text = path.read_text(encoding="utf-8")
+    assert text == nbtools.jupyterlab_saved_text(path), (
+        "JupyterLab would rewrite this file on save (kernel spec or unmerged stream outputs): "
+        "re-execute it with `make notebooks NB=...`"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_time_to_run_comes_from_a_measurement(path):
+    header = _src(nbformat.read(path, as_version=4).cells[0])
+    line = nbtools.TIME_TO_RUN_RE.search(header)
+    assert line, "the header has a '**Time to run**:' line"
+    seconds = re.match(r"\*\*Time to run\*\*: (\d+) s", line.group(0))
+    assert seconds and line.group(0) == nbtools.time_to_run_line(int(seconds.group(1))), (
+        "the run time is written by `make notebooks` from its measurement"
+    )
+    assert int(seconds.group(1)) <= 90, "over the 90 s ceiling"
+
+
+# --- What a notebook imports is what the package declares (core dependencies or named extras) ----
+NOTEBOOK_ENVIRONMENT = {"IPython", "ipywidgets"}  # come with every Jupyter front end, Colab included
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _imported_top_level_modules(path) -> set[str]:
+    import ast
+    import sys
+
+    modules = set()
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        lines = [re.sub(r"^(\s*)[%!].*", r"\1pass", line) for line in _src(cell).splitlines()]  # magics
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    return modules - set(sys.stdlib_module_names) - {"llmlab", "__future__"} - NOTEBOOK_ENVIRONMENT
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_imports_only_what_its_install_line_brings(path):
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = nbtools.notebook_extras(nbformat.read(path, as_version=4))
+    declared = {_requirement_name(r) for r in project["dependencies"]}
+    for extra in extras:
+        declared |= {_requirement_name(r) for r in project["optional-dependencies"][extra]}
+    providers = importlib.metadata.packages_distributions()
+    for module in sorted(_imported_top_level_modules(path)):
+        dists = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+        assert dists & declared, (
+            f"imports {module} (from {sorted(dists) or 'no installed distribution'}), which neither the "
+            f"core dependencies nor the extras {list(extras)} in its metadata declare; on Colab the "
+            "setup cell would not install it"
+        )
