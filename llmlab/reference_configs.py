@@ -57,6 +57,17 @@ class ReferenceConfig:
             raise ValueError(f"key must be one of {sorted(self.published)} for {self.name!r}, got {key!r}")
         return self.published[key]["value"]
 
+    def published_interval(self, key: str) -> tuple[float, float]:
+        """The values the published figure ``key`` stands for: value +- half its rounding unit
+        (a single point for an exact count), e.g. Mixtral's "12.9B" active -> (12.85e9, 12.95e9).
+
+        >>> load_reference_config("mixtral-8x7b").published_interval("active_parameters")
+        (12850000000.0, 12950000000.0)
+        """
+        value = self.published_value(key)
+        half = self.published[key].get("rounded_to", 0) / 2
+        return (value - half, value + half)
+
     def to_transformers_config(self):
         """The transformers config of the published fields, e.g. a ``MixtralConfig`` (no download).
 

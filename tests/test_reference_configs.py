@@ -96,6 +96,14 @@ def test_mixtral_active_parameters_match_the_announcement():
     assert count_active_parameters(Architecture.mistral_7b()) == count_parameters(Architecture.mistral_7b()).total
 
 
+def test_published_interval():
+    low, high = load_reference_config("mixtral-8x7b").published_interval("active_parameters")
+    assert low < count_active_parameters(Architecture.mixtral_8x7b()) < high
+    assert load_reference_config("llama-2-7b").published_interval("parameters") == (6_738_415_616,) * 2
+    with pytest.raises(ValueError, match="key must be one of"):
+        load_reference_config("gpt2").published_interval("active_parameters")
+
+
 def test_gpt3_is_within_half_a_percent_but_not_the_rounding():
     """The 0.5% allowance is needed (174.6B is not 175.0B to 0.1B) and sufficient."""
     entry = load_reference_config("gpt3-175b").published["parameters"]
