@@ -11,13 +11,17 @@ and its peak learning rate change:
 
 A comparison at one shared learning rate would say more about that rate than about the optimizers,
 so each is swept over the same log grid and compared at its best. Each seed fixes the
-initialization and the batches, shared by every run of that seed. The result is written into the
-package (llmlab/results/optimizer_sweep.json), where the notebook reads it:
+initialization and the batches, shared by every run of that seed. Three seeds by default: the
+notebook asserts a ranking only over at least three, with their spread. The result is written into
+the package (llmlab/results/optimizer_sweep.json), where the notebook reads it:
 
-    python scripts/optimizer_sweep.py            # about 4 minutes on a 2-core CPU, one thread
+    python scripts/optimizer_sweep.py            # 36 runs, about 4-6 minutes on a 2-core CPU, one thread
     python scripts/optimizer_sweep.py --iters 2 --seeds 1 --eval-windows 4 --out /tmp/x.json
 
-One thread and fixed seeds: the same machine and versions give the same numbers.
+One thread and fixed seeds: the same machine and versions give the same numbers for runs at or
+below each optimizer's best rate. The runs at the highest rates are close to unstable, and there
+float rounding is amplified: a re-run (the 3-seed result) reproduced every run at or below the best
+rates to four decimals but moved some of the highest-rate runs by up to 0.2.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def run(iters: int, seeds: int, eval_windows: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=200, help="training steps per run")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds 0 .. seeds-1, each runs the whole sweep")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. seeds-1, each runs the whole sweep")
     parser.add_argument("--eval-windows", type=int, default=256, help="held-out windows of 64 tokens scored")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON result")
     args = parser.parse_args()

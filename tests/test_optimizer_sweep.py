@@ -39,3 +39,4 @@ def test_committed_result_is_complete_and_names_its_command():
     result = load_result("optimizer_sweep")
     _check_layout(result)
     assert result["command"].startswith("python scripts/optimizer_sweep.py")
+    assert len(result["seeds"]) >= 3  # notebook 07 ranks the optimizers over at least three seeds
