@@ -5,6 +5,7 @@ equals uncached, llmlab's LLM equals the same weights in transformers) and the m
 
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -447,6 +448,28 @@ def test_cached_decoding_equals_uncached():
     assert isinstance(UncachedLM(model), DecodingModel)
     for config in (GenerationConfig(max_new_tokens=8), GenerationConfig.beam(3, max_new_tokens=8)):
         exact(generate(model, ids, config).sequences, generate(UncachedLM(model), ids, config).sequences)
+
+
+KNOBS = [{"temperature": 0.3}, {"temperature": 1.7, "top_k": 3, "top_p": 0.5, "min_p": 0.2}]
+
+
+@pytest.mark.parametrize("knobs", KNOBS)
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_sampling_knobs_change_nothing_without_sampling_like_generate(kind, knobs):
+    """do_sample=False: temperature and truncation are skipped by greedy decoding and beam search,
+    in llmlab and in transformers' generate (which warns that it ignores them)."""
+    model, ids = hf_model(kind, 0), prompt(0)
+    eos = frequent_token(model, ids)
+    for plain in (GenerationConfig(max_new_tokens=8, eos_token_id=eos),
+                  GenerationConfig.beam(3, max_new_tokens=8, num_return_sequences=2, eos_token_id=eos)):
+        tuned = replace(plain, **knobs)
+        ours = generate(model, ids, tuned)
+        exact(ours.sequences, generate(model, ids, plain).sequences)
+        exact(ours.sequences, hf_generate(model, ids, plain, do_sample=False, **knobs).sequences)
+    # the knobs are not inert: with sampling on, the same config reshapes the scores
+    scores = torch.randn(2, V, generator=torch.Generator().manual_seed(0))  # (N, V)
+    warped = process_logits(scores, ids, ids.shape[1], tuned, sampling=True)
+    assert not torch.equal(warped, process_logits(scores, ids, ids.shape[1], tuned, sampling=False))
 
 
 def test_beam_width_one_without_eos_is_greedy():
