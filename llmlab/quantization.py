@@ -13,14 +13,18 @@ What it implements
   without double quantization, 4 + 8/64 + 32/(64 * 256) = 4.127 with it (``bits_per_parameter``).
 - ``NF4Linear``: a frozen linear layer stored in NF4 and dequantized on the fly for each matmul, and
   ``QLoRALinear`` = ``NF4Linear`` base + a ``LoRALinear`` update in the compute precision; ``prepare_qlora``
-  does this to every matching layer of a model.
+  does this to every matching layer of a model. ``merge_qlora`` merges a trained adapter: dequantize
+  and merge in the compute precision (exact up to float rounding), or merge and quantize to NF4 again
+  (``requantize=True``: a second rounding to the 16 levels, so the merge is no longer exact).
 - int8 helpers for the quantization notebook: symmetric absmax (``absmax_quantize``) and asymmetric
   zero-point (``zeropoint_quantize``) quantization, per tensor or per row.
 
 Difference from bitsandbytes, on purpose: the second-level (double) quantization here uses plain
 symmetric int8 codes with one absmax per block of 256; bitsandbytes stores the scales in its 8-bit
 "dynamic" float format. The memory is the same; the rounding of each scale differs slightly. Left out:
-paged optimizers, FP4, CUDA kernels (dequantization here is plain PyTorch, so it runs anywhere but
+paged optimizers (QLoRA keeps the AdamW state in CUDA unified memory, which the driver evicts to CPU
+RAM page by page when the GPU runs out during a memory spike; this needs CUDA, see bitsandbytes'
+``PagedAdamW``), FP4, CUDA kernels (dequantization here is plain PyTorch, so it runs anywhere but
 saves memory only in storage, not in the matmul). Shape letters follow ``llmlab.shapes`` (N counts
 flattened weights or blocks).
 """
@@ -36,6 +40,7 @@ from torch import nn
 from llmlab.lora import (
     LoRAConfig,
     LoRALinear,
+    replace_module,
     wrap_matching_linears,
 )
 from llmlab.shapes import check_int, check_tensor
@@ -345,6 +350,39 @@ class QLoRALinear(LoRALinear):
         if base.bias is not None:
             linear.bias.copy_(base.bias)
         return linear
+
+    @torch.no_grad()
+    def merge_and_requantize(self, nf4: NF4Config | None = None) -> NF4Linear:
+        """A 4-bit layer storing NF4(dequantize(W_nf4) + s B A): merging *into* the 4-bit base.
+
+        Not exact, unlike a merge in 16/32 bit: the sum is rounded to the 16 NF4 levels again, which
+        adds a second quantization error of the same size as the first, and an update smaller than
+        half a level step mostly rounds away. ``nf4`` defaults to the base's own storage format.
+        """
+        base = self.base_layer
+        if nf4 is None:
+            nf4 = NF4Config(base.block_size, base.double_quant, getattr(base, "scale_block_size", 256))
+        return NF4Linear.from_linear(self.dequantize_and_merge(), nf4, base.compute_dtype)
+
+
+def merge_qlora(model: nn.Module, requantize: bool = False, nf4: NF4Config | None = None) -> nn.Module:
+    """Replace every ``QLoRALinear`` by its merged layer (in place) and return ``model``.
+
+    ``requantize=False``: a dense ``nn.Linear`` holding dequantize(W_nf4) + s B A (the usual practice:
+    dequantize, merge in 16/32 bit, then quantize again only if needed). ``requantize=True``: an
+    ``NF4Linear`` holding that sum rounded to NF4 again (``QLoRALinear.merge_and_requantize``).
+
+    >>> merged = merge_qlora(model)  # same outputs as the unmerged QLoRA model, up to float rounding
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+    if not layers:
+        raise ValueError("model has no QLoRALinear layers; call prepare_qlora(model, config) first")
+    for name, layer in layers:
+        merged = layer.merge_and_requantize(nf4) if requantize else layer.dequantize_and_merge()
+        replace_module(model, name, merged)
+    return model
 
 
 def prepare_qlora(

@@ -245,3 +245,38 @@ def test_llmlab_model_adalora_equals_peft_on_the_converted_model():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             ours_params[name].copy_(p)
         torch.testing.assert_close(ours(IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_triplet_score_is_smoothed_sensitivity_times_uncertainty_by_hand():
+    """Zhang et al. 2023 eqs. 8-10 computed by hand over three steps, then the pruning rule: the
+    lowest-scored triplets over all modules are the ones set to zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SVDLinear(nn.Linear(6, 5), r=3, alpha=3.0), SVDLinear(nn.Linear(5, 4), r=3, alpha=3.0))
+    with torch.no_grad():
+        for layer in svd_layers(model).values():
+            layer.lora_E.normal_()
+    cfg = AdaLoRAConfig(init_r=3, target_r=1, total_step=10, beta1=0.8, beta2=0.6)
+    allocator = RankAllocator(model, cfg)
+    i_bar, u_bar = {}, {}
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(4, 6)).square().sum().backward()
+        allocator.update_importance(model)
+        for name, p in model.named_parameters():
+            if ".lora_" not in name:
+                continue
+            sensitivity = (p * p.grad).abs()  # I = |w dL/dw|
+            i_bar[name] = 0.8 * i_bar.get(name, 0.0) + 0.2 * sensitivity
+            u_bar[name] = 0.6 * u_bar.get(name, 0.0) + 0.4 * (sensitivity - i_bar[name]).abs()
+    scores = allocator.triplet_scores(model)
+    by_hand = {}
+    for name in ("0", "1"):
+        s = {part: i_bar[f"{name}.{part}"] * u_bar[f"{name}.{part}"] for part in ("lora_A", "lora_E", "lora_B")}
+        by_hand[name] = s["lora_E"][:, 0] + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)  # (R,)
+        torch.testing.assert_close(scores[name], by_hand[name])
+    allocator.mask_to_budget(model, budget=2)  # keep 2 of the 6 triplets
+    flat = torch.cat([by_hand["0"], by_hand["1"]])  # (6,)
+    kept = torch.cat([svd_layers(model)[n].rank_mask for n in ("0", "1")])  # (6,)
+    assert kept.tolist() == [bool(i in set(flat.topk(2).indices.tolist())) for i in range(6)]
+    lambdas = torch.cat([svd_layers(model)[n].lora_E[:, 0] for n in ("0", "1")])
+    assert torch.all(lambdas[~kept] == 0) and torch.all(lambdas[kept] != 0)

@@ -20,6 +20,7 @@ from llmlab.quantization import (
     bits_per_parameter,
     dequantize_nf4,
     dequantize_scales,
+    merge_qlora,
     nf4_levels_from_normal,
     pack_4bit,
     prepare_qlora,
@@ -291,3 +292,74 @@ def test_nf4_linear_keeps_no_full_precision_weight_for_backward():
     torch.testing.assert_close(y, ref)
     ref.square().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+# --- merging a QLoRA adapter -----------------------------------------------------------------------
+
+
+def _trained_looking_qlora(nf4=None, std=0.05, seed=0):
+    torch.manual_seed(seed)
+    layer = QLoRALinear(nn.Linear(128, 64), r=4, alpha=8.0, nf4=nf4)
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B.weight, std=std)
+    return layer
+
+
+def test_merge_qlora_in_full_precision_equals_the_unmerged_model():
+    base = tiny_llama()
+    model = prepare_qlora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_B.weight, std=0.1)
+        unmerged = model(IDS).logits
+        merged = merge_qlora(copy.deepcopy(model))
+        assert not lora_layers(merged) and not any(isinstance(m, NF4Linear) for m in merged.modules())
+        torch.testing.assert_close(merged(IDS).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_requantized_merge_is_the_nf4_rounding_of_the_dense_merge():
+    layer = _trained_looking_qlora()
+    dense = layer.dequantize_and_merge().weight  # (out, in): dequantize(W_nf4) + s B A
+    requantized = layer.merge_and_requantize()
+    assert isinstance(requantized, NF4Linear) and requantized.double_quant == layer.base_layer.double_quant
+    expected = dequantize_nf4(quantize_nf4(dense, NF4Config.qlora()))
+    torch.testing.assert_close(requantized.dequantized_weight(), expected, rtol=0, atol=0)
+    error = (requantized.dequantized_weight() - dense).abs()
+    assert error.max() > 0  # the merge is no longer exact ...
+    blocks = dense.reshape(-1, 64).abs().amax(dim=1).repeat_interleave(64).view_as(dense)
+    largest_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()
+    assert torch.all(error <= 0.5 * largest_gap * blocks * 1.01 + 1e-7)  # ... but within one rounding
+
+
+def test_requantizing_a_zero_adapter_merge_is_lossless_without_double_quant():
+    layer = _trained_looking_qlora(NF4Config.no_double_quant(), std=0.0)  # B = 0: the update is zero
+    requantized = layer.merge_and_requantize()
+    torch.testing.assert_close(requantized.dequantized_weight(), layer.base_layer.dequantized_weight(),
+                               rtol=0, atol=0)  # fmt: skip
+    assert torch.equal(requantized.weight_packed, layer.base_layer.weight_packed)
+
+
+def test_merge_qlora_requantize_keeps_4_bit_storage_and_a_small_update_rounds_away():
+    base = tiny_llama()
+    model = prepare_qlora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_B.weight, std=1e-4)  # far below half an NF4 level step
+        unmerged = model(IDS).logits
+        base_4bit = copy.deepcopy(model)
+        for layer in lora_layers(base_4bit).values():
+            nn.init.zeros_(layer.lora_B.weight)
+        merged = merge_qlora(copy.deepcopy(model), requantize=True)
+        assert sum(isinstance(m, NF4Linear) for m in merged.modules()) == len(lora_layers(model))
+        # the update is lost in the rounding: the merged 4-bit model is closer to the bare 4-bit base
+        # than to the adapted model it was merged from
+        gap_to_adapted = (merged(IDS).logits - unmerged).abs().max()
+        gap_to_base = (merged(IDS).logits - base_4bit(IDS).logits).abs().max()
+        assert gap_to_base < gap_to_adapted
+
+
+def test_merge_qlora_needs_qlora_layers():
+    with pytest.raises(ValueError, match="no QLoRALinear layers"):
+        merge_qlora(tiny_llama())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        merge_qlora("model")
