@@ -2,11 +2,13 @@
 llmlab.attention reference and autograd, plus the invariants FlashAttention is chosen for: exact
 output, same FLOPs, skipped causal tiles, memory linear in the sequence length."""
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from llmlab.attention import scaled_dot_product_attention as reference_attention
 from llmlab.flash_attention import (
@@ -149,6 +151,41 @@ def test_causal_skips_the_tiles_above_the_diagonal():
     stats = flash_attention_forward(q, k, v, is_causal=True, config=FlashConfig(16, 16)).stats
     assert (stats.tiles_computed, stats.tiles_skipped, stats.tiles_masked) == (10, 6, 4)
     assert stats.flops == 4 * 8 * (16 * 16 + 16 * 32 + 16 * 48 + 16 * 64)  # each query tile up to its diagonal
+
+
+def counted_flops(fn):
+    """Matmul FLOPs of fn() as counted by PyTorch's FlopCounterMode (independent of llmlab's count)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("h,kv,t,s", [(2, 2, 70, 70), (4, 2, 50, 90), (3, 3, 90, 33)])
+def test_tiled_and_naive_run_the_same_matmul_flops(h, kv, t, s):
+    q, k, v = qkv(2, h, kv, t, s, 16)
+    cfg, gqa = FlashConfig(32, 16), h != kv
+    naive = counted_flops(lambda: naive_attention(q, k, v, enable_gqa=gqa))
+    tiled = counted_flops(lambda: flash_attention_forward(q, k, v, enable_gqa=gqa, config=cfg))
+    expanded = (2, h, s, 16)  # the formula counts every query head against its (shared) k/v head
+    assert tiled == naive == sdpa_flop_count(q.shape, expanded, expanded) == 4 * t * s * 16 * 2 * h
+    assert flash_attention_forward(q, k, v, enable_gqa=gqa, config=cfg).stats.flops == tiled
+
+
+def test_causal_flops_counted_by_torch_equal_the_computed_tiles():
+    q, k, v = qkv(1, 2, 2, 64, 64, 8)
+    res = flash_attention_forward(q, k, v, is_causal=True, config=FlashConfig(16, 16))
+    counted = counted_flops(lambda: flash_attention_forward(q, k, v, is_causal=True, config=FlashConfig(16, 16)))
+    assert counted == res.stats.flops == 4 * 8 * 16 * 16 * res.stats.tiles_computed  # whole tiles, masked or not
+
+
+def test_backward_recomputes_one_extra_qk_product():
+    flops, tiled = {}, functools.partial(flash_attention, config=FlashConfig(16, 16))
+    for name, fn in (("naive", naive_attention), ("flash", tiled)):
+        q, k, v = (x.requires_grad_() for x in qkv(1, 2, 2, 48, 48, 8))
+        flops[name] = counted_flops(lambda: fn(q, k, v).sum().backward())  # noqa: B023
+    unit = 48 * 48 * 8 * 2  # T S D per head, 2 heads
+    assert flops["naive"] == 12 * unit  # forward 4 + autograd backward 8 (dP, dV, dQ, dK)
+    assert flops["flash"] == 14 * unit  # ... + the recomputed Q K^T
 
 
 def test_flash_io_is_smaller_than_standard_for_long_sequences():

@@ -114,3 +114,18 @@ def test_bad_arguments():
         route(torch.randn(4), 1)
     with pytest.raises(ValueError, match="at least one"):
         load_balancing_loss([], 1)
+
+
+def test_routing_is_per_token_not_per_sequence():
+    """Without a capacity limit, a token's route and output depend on that token alone: reordering the
+    tokens of a sequence, or running each token by itself, reorders the outputs and nothing else."""
+    ours, _ = pair(2)
+    x = torch.randn(1, 12, C)  # (B, T, C): one sequence
+    y, stats = ours(x)
+    assert len(set(stats.expert_indices.reshape(-1).tolist())) > 2  # one sequence, more than k experts
+    perm = torch.randperm(12)
+    y_perm, stats_perm = ours(x[:, perm])
+    torch.testing.assert_close(y_perm, y[:, perm], **TOL)
+    assert torch.equal(stats_perm.expert_indices, stats.expert_indices[perm])
+    alone = torch.cat([ours(x[:, t : t + 1])[0] for t in range(12)], dim=1)  # (1, T, C)
+    torch.testing.assert_close(alone, y, **TOL)
