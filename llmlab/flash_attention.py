@@ -15,7 +15,8 @@ What it implements
 - ``naive_attention``: the standard algorithm that materialises the (T, S) score and probability
   matrices, for comparison.
 - Counting helpers: ``attention_flops`` (4 T S D per head), ``hbm_traffic_standard`` and
-  ``hbm_traffic_flash`` (the IO analysis of the FlashAttention paper, section 3.2), and
+  ``hbm_traffic_flash`` (the IO analysis of the FlashAttention paper, section 3.2, counted for this
+  module's FlashAttention-2 loop order; the paper's Theorem 2 is for its K/V-outer loop), and
   ``measure_peak_memory`` (peak bytes allocated while a function runs, on CPU from the PyTorch
   profiler's allocation events, on CUDA from the caching allocator's peak counter).
 
@@ -457,7 +458,10 @@ def hbm_traffic_flash(t: int, s: int, d: int, block_q: int) -> int:
     """Elements moved by the tiled forward pass, per head, without causal skipping: Q read once, K and V
     read once per query tile, O and L written once = 2TD + T + 2 S D ceil(T / B_r).
 
-    With B_r = Theta(M / D) for an SRAM of M elements this is Theta(T S D^2 / M) (paper, Theorem 2).
+    This is the loop order of FlashAttention-2 (query tiles outside). The first paper's Algorithm 1 puts
+    the K/V tiles outside and re-reads Q and re-reads and re-writes O, l and m once per key tile; its
+    Theorem 2 bounds that by Theta(T S D^2 / M) for an SRAM of M elements. With B_r = Theta(M / D) the
+    count here has the same order.
     """
     t, s, d = (check_int(n, x, minimum=1) for n, x in (("t", t), ("s", s), ("d", d)))
     return 2 * t * d + t + 2 * s * d * math.ceil(t / check_int("block_q", block_q, minimum=1))
