@@ -152,8 +152,9 @@ def fix(path: Path) -> bool:
 
 
 def execute(path: Path, timeout: int = 600) -> float:
-    """Run a notebook top to bottom in a fresh kernel, in its own folder; store outputs in the form
-    JupyterLab saves them; write the measured time into the header's "Time to run" line; return seconds."""
+    """Run a notebook top to bottom in a fresh kernel, in its own folder; store the outputs with their
+    streams merged, in the form JupyterLab saves; write the measured time into the header's "Time to
+    run" line; return seconds."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -173,7 +174,7 @@ def execute(path: Path, timeout: int = 600) -> float:
         cell.metadata.pop("execution", None)
     nb.metadata.pop("widgets", None)
     set_time_to_run(nb, seconds)
-    nbformat.write(as_jupyterlab_saves(nb), path)
+    nbformat.write(as_jupyterlab_saves(merge_streams(nb)), path)
     return seconds
 
 
@@ -197,11 +198,14 @@ def set_time_to_run(nb, seconds: float) -> None:
 
 
 # --- What JupyterLab does to a notebook it opens and saves -------------------------------------
-# JupyterLab (4.x, @jupyterlab/outputarea) loads each output list through its output-area model:
-# consecutive stream outputs of the same name become one, and their text is run through a small
-# terminal emulation ("\r" returns to the start of the line, "\b" deletes a character). The kernel
-# it starts writes its own kernel spec into the metadata. The server then writes the notebook
-# with nbformat. A file already in that form is saved back byte for byte.
+# Checked against JupyterLab 4.6.6 itself in headless Chromium (scripts/check_jupyterlab_save.py):
+# on opening a notebook, the kernel it starts writes its own kernel spec into the metadata (and
+# marks the document modified if that changes it); the server then writes the notebook with
+# nbformat. Stream outputs are saved as they are, merged or not. A file already in that form is
+# saved back byte for byte.
+# Separately, `execute` stores each cell's consecutive stream outputs merged, the way JupyterLab's
+# output area displays them (one block per stream, "\r" and "\b" applied), so that a stored
+# output reads like the live one and does not depend on how the kernel chunked its writes.
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 
 
@@ -235,7 +239,7 @@ def terminal_text(text: str, existing: str = "", cursor: int | None = None) -> t
 
 
 def jupyterlab_outputs(outputs: list) -> list:
-    """One cell's outputs as JupyterLab's output area holds them (streams merged and emulated)."""
+    """One cell's outputs as JupyterLab's output area shows them (streams merged and emulated)."""
     import nbformat
 
     merged, cursor, last_stream = [], 0, ""
@@ -257,10 +261,15 @@ def jupyterlab_outputs(outputs: list) -> list:
 
 def as_jupyterlab_saves(nb):
     """The notebook as JupyterLab writes it after opening it (and starting its kernel) and saving."""
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    return nb
+
+
+def merge_streams(nb):
+    """Merge each code cell's consecutive stream outputs as JupyterLab's output area shows them."""
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = jupyterlab_outputs(cell.outputs)
-    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     return nb
 
 

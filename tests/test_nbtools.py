@@ -1,5 +1,6 @@
-"""scripts/nbtools.py: JupyterLab's save form (stream merging and its terminal emulation, kernel
-spec), the measured "Time to run" line, and the setup-cell preamble with a notebook's extras."""
+"""scripts/nbtools.py: JupyterLab's save form (its kernel spec), stream outputs merged as JupyterLab's
+output area shows them (with its terminal emulation), the measured "Time to run" line, and the
+setup-cell preamble with a notebook's extras."""
 
 import importlib.util
 from pathlib import Path
@@ -62,6 +63,7 @@ def test_saved_text_differs_until_the_file_is_in_jupyterlab_form(tmp_path):
     saved = nbtools.jupyterlab_saved_text(path)
     assert saved != path.read_text()
     assert '"display_name": "Python 3 (ipykernel)"' in saved
+    assert saved.count('"output_type": "stream"') == 2  # JupyterLab saves streams as they are
     path.write_text(saved)
     assert nbtools.jupyterlab_saved_text(path) == saved  # a second open and save changes nothing
 

@@ -2,6 +2,7 @@
 English and Chinese, the generated setup cell, the required sections, and stored outputs from one
 top-to-bottom run. (Strict nbval then checks that those outputs are what a fresh run produces.)"""
 
+import copy
 import importlib.util
 import re
 from pathlib import Path
@@ -204,11 +205,23 @@ def test_code_lines_fit_a_laptop_screen(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_open_and_save_in_jupyterlab_leaves_the_file_unchanged(path):
+    # nbtools.jupyterlab_saved_text was checked against JupyterLab in a browser
+    # (scripts/check_jupyterlab_save.py); this compares every notebook with it on every run.
     text = path.read_text(encoding="utf-8")
     assert text == nbtools.jupyterlab_saved_text(path), (
-        "JupyterLab would rewrite this file on save (kernel spec or unmerged stream outputs): "
+        "JupyterLab would rewrite this file on open and save (kernel spec, or nbformat layout): "
         "re-execute it with `make notebooks NB=...`"
     )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stream_outputs_are_stored_merged(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == nbtools.jupyterlab_outputs(copy.deepcopy(cell.outputs)), (
+                "consecutive stream outputs are stored unmerged: re-execute with `make notebooks NB=...`"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
