@@ -10,8 +10,8 @@ What it implements
   ``ValueError`` naming it, unless the tokenizer was built with an explicit ``unk`` character,
   which then stands in for every unknown character.
 
-What it leaves out: byte-level BPE (a later module, following minbpe's ``Tokenizer`` base class and
-GPT-2's byte-to-unicode table), special tokens and chat templates.
+Byte-level BPE lives in ``llmlab.bpe`` and WordPiece in ``llmlab.wordpiece``; both subclass
+``Tokenizer`` and load through ``load_tokenizer``. What it leaves out: chat templates.
 """
 
 from __future__ import annotations
@@ -142,7 +142,20 @@ def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
     kind = data.get("type")
     if kind == CharTokenizer.kind:
         return CharTokenizer(list(data["chars"]), unk=data.get("unk"))
-    raise ValueError(f"data['type'] must be one of 'char', got {kind!r}")
+    if kind == "bpe":
+        from llmlab.bpe import BPETokenizer  # the subclasses import this module
+
+        return BPETokenizer.from_dict(data)
+    if kind == "wordpiece":
+        from llmlab.wordpiece import WordPieceTokenizer
+
+        fields = {k: v for k, v in data.items() if k not in ("type", "vocab")}
+        return WordPieceTokenizer(data["vocab"], **fields)
+    if kind == "expanded":
+        from llmlab.vocab_expansion import ExpandedTokenizer
+
+        return ExpandedTokenizer.from_dict(data)
+    raise ValueError(f"data['type'] must be one of 'char', 'bpe', 'wordpiece', 'expanded', got {kind!r}")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
