@@ -17,8 +17,8 @@ What it implements
 - Counting helpers: ``attention_flops`` (4 T S D per head), ``hbm_traffic_standard`` and
   ``hbm_traffic_flash`` (the IO analysis of the FlashAttention paper, section 3.2, counted for this
   module's FlashAttention-2 loop order; the paper's Theorem 2 is for its K/V-outer loop), and
-  ``measure_peak_memory`` (peak bytes allocated while a function runs, on CPU from the PyTorch
-  profiler's allocation events, on CUDA from the caching allocator's peak counter).
+  ``measure_peak_memory`` (peak bytes allocated while a function runs; it lives in
+  ``llmlab.memory`` and is imported here, where the notebooks first use it).
 
 Conventions follow ``llmlab.attention.scaled_dot_product_attention`` (and so the signature of
 ``torch.nn.functional.scaled_dot_product_attention``): q (B, H, T, D), k and v (B, K, S, D), GQA
@@ -33,16 +33,13 @@ PyTorch's ``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from llmlab.memory import measure_peak_memory  # noqa: F401  (re-exported)
 from llmlab.shapes import check_int, check_tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -465,85 +462,3 @@ def hbm_traffic_flash(t: int, s: int, d: int, block_q: int) -> int:
     """
     t, s, d = (check_int(n, x, minimum=1) for n, x in (("t", t), ("s", s), ("d", d)))
     return 2 * t * d + t + 2 * s * d * math.ceil(t / check_int("block_q", block_q, minimum=1))
-
-
-def _peak_from_profile(prof: torch.profiler.profile) -> int:
-    """Peak of the running sum of CPU allocation events (bytes allocated minus freed) in a profile."""
-    from torch._C._profiler import _EventType
-
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-    current = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        current += size
-        peak = max(peak, current)
-    return peak
-
-
-def measure_peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[object, int]:
-    """Run ``fn()`` and return (its result, peak bytes allocated during the call above the start level).
-
-    The result counts too (it is allocated during the call). On CPU the allocations come from the
-    PyTorch profiler (``profile_memory=True``), which sees every tensor the allocator hands out,
-    including the scratch buffers inside fused kernels; the count is exact and repeatable. On CUDA
-    it is ``torch.cuda.max_memory_allocated`` minus the allocation at the start.
-
-    >>> _, nbytes = measure_peak_memory(lambda: torch.zeros(1024))
-    >>> nbytes
-    4096
-    """
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - start
-    if device.type != "cpu":
-        raise ValueError(f"device must be 'cpu' or a CUDA device, got {device}")
-    with _quiet_profiler():
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-        prof.start()
-    try:
-        result = fn()
-    finally:
-        with _quiet_profiler():
-            prof.stop()
-    return result, _peak_from_profile(prof)
-
-
-@contextlib.contextmanager
-def _quiet_profiler():
-    """Silence the profiler's own chatter around start and stop: its C++ side logs a line on file
-    descriptor 2, and some torch releases (2.11 among them) warn that "Profiler clears events at the
-    end of each cycle", which concerns scheduled multi-cycle profiling, not this single cycle."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Profiler clears events")
-        with _quiet_fd2():
-            yield
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Send file descriptor 2 to /dev/null for a moment: the profiler's C++ side logs a line on every
-    start and stop there, which would clutter notebook outputs. Python warnings are unaffected."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
