@@ -18,6 +18,13 @@ What it implements
   (``requantize=True``: a second rounding to the 16 levels, so the merge is no longer exact).
 - int8 helpers for the quantization notebook: symmetric absmax (``absmax_quantize``) and asymmetric
   zero-point (``zeropoint_quantize``) quantization, per tensor or per row.
+- Integer quantization at 2-8 bits (``quantize_int`` -> ``IntQuantized``): symmetric absmax or
+  asymmetric zero-point codes, one scale per tensor, per channel (row) or per group of columns; the
+  int8 codes and scales equal PyTorch's observers and ``torch.quantize_per_tensor`` /
+  ``torch.quantize_per_channel``. ``int8_matmul`` (exact int32 accumulation), ``w8a8_linear`` (both
+  operands int8), ``llm_int8_linear`` (LLM.int8()'s outlier decomposition, Dettmers et al. 2022) and
+  ``smoothquant_scales`` / ``smooth_norm_and_linears`` (SmoothQuant, Xiao et al. 2023). GPTQ, which
+  uses these codes, lives in ``llmlab.gptq``.
 
 Difference from bitsandbytes, on purpose: the second-level (double) quantization here uses plain
 symmetric int8 codes with one absmax per block of 256; bitsandbytes stores the scales in its 8-bit
@@ -43,7 +50,7 @@ from llmlab.lora import (
     replace_module,
     wrap_matching_linears,
 )
-from llmlab.shapes import check_int, check_tensor
+from llmlab.shapes import check_float, check_int, check_tensor
 
 # The NF4 table as published: QLoRA paper appendix E, and bitsandbytes/functional.py (get_4bit_type,
 # "nf4"). Typed in by hand; tests check that nf4_levels_from_normal() reproduces it.
@@ -446,3 +453,242 @@ def zeropoint_quantize(x: torch.Tensor, dim: int | None = None, bits: int = 8) -
 def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """x ~ (q - z) * s."""
     return (q.to(scale.dtype) - zero_point) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer quantization: symmetric (absmax) and asymmetric (zero-point), per tensor / channel / group
+#
+# One scale s (and, asymmetric, one integer zero point z) per quantization group:
+#   symmetric:  q = clamp(round(x / s), -qmax, qmax),  s = max|x| / qmax,  qmax = 2^(b-1) - 1
+#   asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1),  s = (hi - lo) / (2^b - 1),  z = round(-lo / s)
+# with lo = min(min x, 0) and hi = max(max x, 0), so that 0 is exactly representable (zero padding,
+# ReLU outputs), as PyTorch's MinMaxObserver and GPTQ's quantizer do. The symmetric range is the
+# restricted one, [-127, 127] for int8 ([-7, 7] for int4), so that -x quantizes to -q.
+# The division is done as x * (1 / s), as PyTorch's quantize_per_tensor / quantize_per_channel
+# kernels do, so the codes are bit-identical to theirs (tests/test_quantization.py).
+
+INT_BITS = (2, 3, 4, 5, 6, 7, 8)  # integer widths supported (codes are held in one byte each)
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in INT_BITS:
+        raise ValueError(f"bits must be one of {INT_BITS}, got {bits!r}")
+    return bits
+
+
+def int_range(bits: int, symmetric: bool = True) -> tuple[int, int]:
+    """The code range: symmetric [-(2^(b-1) - 1), 2^(b-1) - 1], asymmetric [0, 2^b - 1].
+
+    >>> int_range(8), int_range(4, symmetric=False)
+    ((-127, 127), (0, 15))
+    """
+    bits = _check_bits(bits)
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
+def compute_qparams(
+    x: torch.Tensor, bits: int = 8, symmetric: bool = True, dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from the range of ``x``, over everything (``dim=None``) or along ``dim``.
+
+    Returns (scale, zero_point), fp32, both broadcastable to x (``keepdim``); the zero point is 0
+    for symmetric quantization and an integer value in [0, 2^b - 1] otherwise.
+    """
+    check_tensor("x", x)
+    qmin, qmax = int_range(bits, symmetric)
+    eps = torch.finfo(torch.float32).eps  # PyTorch's observers floor the scale at this value too
+    x = x.detach().to(torch.float32)
+    if symmetric:
+        amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+        scale = (amax / qmax).clamp_min(eps)
+        return scale, torch.zeros_like(scale)
+    lo = x.amin() if dim is None else x.amin(dim=dim, keepdim=True)
+    hi = x.amax() if dim is None else x.amax(dim=dim, keepdim=True)
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)  # keep 0 inside the range
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def quantize_with(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, symmetric: bool = True
+) -> torch.Tensor:
+    """Integer codes for given parameters: clamp(round(x * (1/s)) + z). int8 (symmetric) or uint8."""
+    qmin, qmax = int_range(bits, symmetric)
+    q = torch.round(x.to(torch.float32) * (1.0 / scale)) + zero_point
+    return q.clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8)
+
+
+def dequantize_with(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """x ~ (q - z) * s, fp32."""
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+@dataclass(frozen=True)
+class IntQuantized:
+    """A tensor stored as b-bit integer codes plus fp scales (and zero points) per group.
+
+    For ``granularity="group"`` the codes keep the original (rows, cols) shape and the parameters
+    have shape (rows, cols / group_size, 1) over the grouped view (rows, cols / G, G).
+    """
+
+    q: torch.Tensor  # (rows, cols) or any shape for "tensor": int8 codes, uint8 if asymmetric
+    scale: torch.Tensor  # () per tensor, (rows, 1) per channel, (rows, cols / G, 1) per group
+    zero_point: torch.Tensor  # same shape as scale; all 0 when symmetric
+    bits: int  # code width, one of INT_BITS
+    symmetric: bool  # absmax (True) or zero-point (False)
+    granularity: str  # "tensor", "channel" (one row = one output channel) or "group"
+    group_size: int | None  # columns per group when granularity == "group"
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 values the codes stand for, in the original shape."""
+        if self.granularity != "group":
+            return dequantize_with(self.q, self.scale, self.zero_point)
+        rows, cols = self.q.shape
+        grouped = self.q.view(rows, cols // self.group_size, self.group_size)  # (rows, cols / G, G)
+        return dequantize_with(grouped, self.scale, self.zero_point).view(rows, cols)
+
+    def storage_bits(self, scale_bits: int = 16) -> int:
+        """Bits to store it: b per code, ``scale_bits`` per scale, b per zero point if asymmetric."""
+        n_params = self.scale.numel()
+        zero_bits = 0 if self.symmetric else self.bits * n_params
+        return self.bits * self.q.numel() + scale_bits * n_params + zero_bits
+
+
+def quantize_int(
+    x: torch.Tensor,
+    bits: int = 8,
+    symmetric: bool = True,
+    granularity: str = "channel",
+    group_size: int | None = None,
+) -> IntQuantized:
+    """Round-to-nearest integer quantization of ``x`` at the chosen granularity.
+
+    "tensor": one scale for all of x; "channel": one per row (for a weight (out, in): per output
+    channel, as ``torch.quantize_per_channel(..., axis=0)``; for activations (N, C): per token);
+    "group": one per ``group_size`` consecutive columns of a row (GPTQ / AWQ style, e.g. 128).
+
+    >>> quantize_int(torch.randn(8, 64), bits=4, granularity="group", group_size=32).scale.shape
+    torch.Size([8, 2, 1])
+    """
+    check_tensor("x", x)
+    bits = _check_bits(bits)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "tensor":
+        scale, zero = compute_qparams(x, bits, symmetric)
+        q = quantize_with(x, scale, zero, bits, symmetric)  # same shape as x
+        return IntQuantized(q, scale, zero, bits, symmetric, "tensor", None)
+    check_tensor("x", x, ndim=2, layout="(rows, cols)")
+    view = x  # (rows, cols): one scale per row
+    if granularity != "group":
+        group_size = None
+    else:
+        group_size = check_int("group_size", group_size, minimum=1)
+        if x.shape[1] % group_size:
+            raise ValueError(f"group_size must divide the number of columns {x.shape[1]}, got {group_size}")
+        view = x.reshape(x.shape[0], -1, group_size)  # (rows, cols / G, G)
+    scale, zero = compute_qparams(view, bits, symmetric, dim=-1)  # (rows, 1) or (rows, cols / G, 1)
+    q = quantize_with(view, scale, zero, bits, symmetric).reshape(x.shape)  # (rows, cols)
+    return IntQuantized(q, scale, zero, bits, symmetric, granularity, group_size)
+
+
+def fake_quantize(
+    x: torch.Tensor, bits: int = 8, symmetric: bool = True, granularity: str = "channel", group_size: int | None = None
+) -> torch.Tensor:
+    """Quantize then dequantize ("simulated" quantization): the values a quantized kernel computes with."""
+    return quantize_int(x, bits, symmetric, granularity, group_size).dequantize().to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 matrix multiplication, LLM.int8() and SmoothQuant
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 x int8 -> int32 matrix product, a (N, in) @ b (out, in)^T -> (N, out) int32.
+
+    Uses PyTorch's int8 GEMM (``torch._int_mm``, int32 accumulation) where it takes the shapes, else
+    float64, which holds every such sum exactly (|sum| <= 127^2 * in << 2^53).
+    """
+    check_tensor("a", a, ndim=2, layout="(N, in)")
+    check_tensor("b", b, ndim=2, layout="(out, in)")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"a and b must be int8, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must share the inner size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    try:
+        return torch._int_mm(a.contiguous(), b.T.contiguous())  # (N, out) int32
+    except RuntimeError:  # shapes the kernel does not take on this device
+        return (a.double() @ b.double().T).to(torch.int32)  # (N, out)
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, act_granularity: str = "tensor") -> torch.Tensor:
+    """y = x W^T with both sides in int8 (W8A8): weight per output channel, activations per tensor or
+    per token ("channel"), an int32 product, rescaled by s_x s_w. x (N, in), weight (out, in) -> (N, out)."""
+    if act_granularity not in ("tensor", "channel"):
+        raise ValueError(f"act_granularity must be 'tensor' or 'channel' (per token), got {act_granularity!r}")
+    qx = quantize_int(x, 8, True, act_granularity)  # scale () or (N, 1)
+    qw = quantize_int(weight, 8, True, "channel")  # scale (out, 1)
+    return int8_matmul(qx.q, qw.q).to(torch.float32) * qx.scale * qw.scale.T  # (N, out)
+
+
+def outlier_columns(x: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8()'s outlier feature dimensions: columns of x (N, C) with any |value| >= threshold. (C,) bool"""
+    check_tensor("x", x, ndim=2, layout="(N, C)")
+    return (x.abs() >= threshold).any(dim=0)  # (C,)
+
+
+def llm_int8_linear(x: torch.Tensor, weight: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8() mixed-precision decomposition (Dettmers et al. 2022, section 3.2, eq. 8).
+
+    The feature dimensions of x that hold an outlier (|x| >= threshold, 6 in the paper) are multiplied
+    in floating point with the matching weight columns; all other dimensions go through a
+    vector-wise int8 matmul (x per row = per token, W per output channel). x (N, in), weight (out, in)
+    -> (N, out). bitsandbytes' ``Linear8bitLt`` does the same but keeps only the int8 weight and
+    dequantizes its outlier columns; here the outlier columns use the original weight, as in eq. 8.
+    """
+    check_tensor("weight", weight, ndim=2, layout="(out, in)")
+    outliers = outlier_columns(x, check_float("threshold", threshold, 0.0, low_open=True))  # (in,)
+    regular = ~outliers
+    y = w8a8_linear(x[:, regular], weight[:, regular], act_granularity="channel")  # (N, out)
+    return y + x[:, outliers].to(torch.float32) @ weight[:, outliers].to(torch.float32).T  # (N, out)
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel smoothing factors (Xiao et al. 2023, eq. 4). (in,)
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); dividing activation channel j by s_j and multiplying
+    weight column j by s_j leaves X W^T unchanged and moves the outliers' range into the weight.
+    ``act_absmax`` (in,) is max|X_j| over calibration tokens; ``weight`` (out, in), or the row-wise
+    concatenation of every linear that reads the same X (e.g. q, k, v).
+    """
+    check_tensor("act_absmax", act_absmax, ndim=1, layout="(in,)")
+    check_tensor("weight", weight, ndim=2, layout="(out, in)")
+    if act_absmax.shape[0] != weight.shape[1]:
+        raise ValueError(f"act_absmax must have one entry per weight column ({weight.shape[1]}), "
+                         f"got {act_absmax.shape[0]}")  # fmt: skip
+    alpha = check_float("alpha", alpha, 0.0, 1.0)
+    w_absmax = weight.detach().abs().amax(dim=0).to(torch.float32)  # (in,)
+    tiny = torch.finfo(torch.float32).tiny
+    s = act_absmax.to(torch.float32).clamp_min(tiny).pow(alpha) / w_absmax.clamp_min(tiny).pow(1 - alpha)
+    return s.clamp_min(1e-5)  # (in,); a channel never seen active keeps a finite factor
+
+
+@torch.no_grad()
+def smooth_norm_and_linears(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Fold SmoothQuant factors into a model, in place: norm.weight /= s, each linear.weight[:, j] *= s_j.
+
+    The norm's output is the linears' input, so the float model computes exactly the same function
+    (up to rounding) while the activations the linears see have a smaller range.
+    """
+    check_tensor("scales", scales, ndim=1, layout="(in,)")
+    if not isinstance(getattr(norm, "weight", None), torch.Tensor) or norm.weight.shape != scales.shape:
+        raise ValueError(f"norm must have a weight of shape {tuple(scales.shape)} to absorb 1/s")
+    norm.weight.div_(scales.to(norm.weight.dtype))
+    for linear in linears:
+        if not isinstance(linear, nn.Linear) or linear.in_features != scales.shape[0]:
+            raise ValueError(f"linears must be nn.Linear layers with in_features={scales.shape[0]}")
+        linear.weight.mul_(scales.to(linear.weight.dtype))  # (out, in) * (in,): column j times s_j

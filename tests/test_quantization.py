@@ -363,3 +363,271 @@ def test_merge_qlora_needs_qlora_layers():
         merge_qlora(tiny_llama())
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         merge_qlora("model")
+
+
+# --- integer quantization: absmax / zero-point, per tensor / channel / group ----------------------
+
+import warnings  # noqa: E402
+
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver  # noqa: E402
+
+from llmlab.quantization import (  # noqa: E402
+    INT_BITS,
+    fake_quantize,
+    int8_matmul,
+    int_range,
+    llm_int8_linear,
+    outlier_columns,
+    quantize_int,
+    smooth_norm_and_linears,
+    smoothquant_scales,
+    w8a8_linear,
+)
+
+
+def weight_with_outlier_rows(seed=0):
+    """A (64, 256) weight with a few larger rows, like a real projection."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 256, generator=g) * 0.02
+    w[:4] *= 8
+    return w
+
+
+def _torch_quantize(fn, *args):
+    with warnings.catch_warnings():  # PyTorch marks its quantized tensors as deprecated
+        warnings.simplefilter("ignore")
+        return fn(*args)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_tensor_int8_equals_pytorch_observer_and_quantize_per_tensor(symmetric):
+    x = weight_with_outlier_rows()
+    ours = quantize_int(x, 8, symmetric, "tensor")
+    if symmetric:  # restricted range [-127, 127]: scale = max|x| / 127
+        obs = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127)
+    else:
+        obs = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    obs(x)
+    scale, zero_point = obs.calculate_qparams()
+    assert torch.equal(ours.scale.reshape(1), scale)
+    assert int(ours.zero_point) == int(zero_point)
+    dtype = torch.qint8 if symmetric else torch.quint8
+    theirs = _torch_quantize(torch.quantize_per_tensor, x, float(scale), int(zero_point), dtype)
+    assert torch.equal(ours.q, theirs.int_repr())
+    assert torch.equal(ours.dequantize(), theirs.dequantize())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_channel_int8_equals_pytorch_observer_and_quantize_per_channel(symmetric):
+    x = weight_with_outlier_rows(1)
+    ours = quantize_int(x, 8, symmetric, "channel")
+    if symmetric:
+        obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                       quant_min=-127, quant_max=127)  # fmt: skip
+    else:
+        obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.quint8, qscheme=torch.per_channel_affine)
+    obs(x)
+    scales, zero_points = obs.calculate_qparams()
+    assert torch.equal(ours.scale.view(-1), scales)
+    assert torch.equal(ours.zero_point.view(-1).long(), zero_points)
+    dtype = torch.qint8 if symmetric else torch.quint8
+    theirs = _torch_quantize(torch.quantize_per_channel, x, scales, zero_points, 0, dtype)
+    assert torch.equal(ours.q, theirs.int_repr())
+    assert torch.equal(ours.dequantize(), theirs.dequantize())
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int_codes_stay_in_range_and_the_error_is_at_most_half_a_step(bits, symmetric):
+    x = weight_with_outlier_rows(2)
+    qmin, qmax = int_range(bits, symmetric)
+    for granularity, group in (("tensor", None), ("channel", None), ("group", 32)):
+        q = quantize_int(x, bits, symmetric, granularity, group)
+        assert q.q.min() >= qmin and q.q.max() <= qmax
+        err = (q.dequantize() - x).abs()  # (64, 256)
+        step = q.scale.expand(64, 8, 1).reshape(64, 8, 1) if granularity == "group" else q.scale
+        if granularity == "group":
+            err = err.view(64, 8, 32)
+        assert (err <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_int4_ranges_zero_is_exact_and_symmetric_codes_are_odd():
+    assert int_range(4) == (-7, 7) and int_range(4, symmetric=False) == (0, 15)
+    x = torch.rand(8, 64) + 0.5  # all positive: the zero point must still represent 0 exactly
+    x[:, 0] = 0.0
+    q = quantize_int(x, 4, symmetric=False, granularity="channel")
+    assert (q.dequantize()[:, 0] == 0).all()
+    w = weight_with_outlier_rows(3)
+    assert torch.equal(quantize_int(-w, 4).q, -quantize_int(w, 4).q)  # restricted range: q(-x) = -q(x)
+
+
+def test_group_of_a_whole_row_equals_per_channel_and_finer_groups_cost_scales():
+    x = weight_with_outlier_rows(4)
+    row = quantize_int(x, 4, granularity="group", group_size=256)
+    channel = quantize_int(x, 4, granularity="channel")
+    assert torch.equal(row.dequantize(), channel.dequantize())
+    g32 = quantize_int(x, 4, symmetric=False, granularity="group", group_size=32)
+    # 4 bits per code + an fp16 scale and a 4-bit zero point per 32 weights = 4.625 bits per weight
+    assert g32.storage_bits() == 64 * 256 * 4 + 64 * 8 * (16 + 4)
+    assert channel.storage_bits() == 64 * 256 * 4 + 64 * 16
+
+
+def test_finer_granularity_lowers_the_error_on_a_real_weight():
+    from llmlab.checkpoint import load_pretrained
+
+    model, _ = load_pretrained()
+    w = model.model.layers[0].mlp.down_proj.weight.detach()  # (128, 352)
+    err = {g: (fake_quantize(w, 4, True, g, 32 if g == "group" else None) - w).pow(2).mean()
+           for g in ("tensor", "channel", "group")}  # fmt: skip
+    assert err["group"] < err["channel"] < err["tensor"]
+    # asymmetric codes use the range of each row better than absmax at the same width
+    assert (fake_quantize(w, 4, False) - w).pow(2).mean() < err["channel"]
+
+
+def test_quantize_int_matches_the_older_absmax_helper():
+    x = weight_with_outlier_rows(5)
+    q, s = absmax_quantize(x, dim=1)
+    ours = quantize_int(x, 8, True, "channel")
+    torch.testing.assert_close(ours.dequantize(), absmax_dequantize(q, s), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: quantize_int(torch.randn(4, 4), bits=16), ValueError, r"bits must be one of \(2, 3"),
+        (lambda: quantize_int(torch.randn(4, 4), bits=1), ValueError, "bits must be one of"),
+        (lambda: quantize_int(torch.randn(4, 4), bits=4.0), ValueError, "bits must be one of"),
+        (lambda: quantize_int(torch.randn(4, 4), granularity="row"), ValueError, "granularity must be one of"),
+        (lambda: quantize_int(torch.randn(4, 352), granularity="group", group_size=64), ValueError,
+         "group_size must divide the number of columns 352, got 64"),
+        (lambda: quantize_int(torch.randn(4, 8), granularity="group"), TypeError, "group_size must be an integer"),
+        (lambda: quantize_int(torch.randn(2, 4, 8), granularity="channel"), ValueError, "x must have 2 dimensions"),
+        (lambda: quantize_int(torch.arange(8)), TypeError, "floating-point"),
+        (lambda: int8_matmul(torch.zeros(2, 3), torch.zeros(2, 3)), TypeError, "must be int8"),
+        (lambda: w8a8_linear(torch.randn(2, 4), torch.randn(3, 4), "group"), ValueError, "act_granularity"),
+        (lambda: llm_int8_linear(torch.randn(2, 4), torch.randn(3, 4), threshold=0), ValueError, "threshold"),
+        (lambda: smoothquant_scales(torch.ones(3), torch.ones(2, 4)), ValueError, "one entry per weight column"),
+        (lambda: smoothquant_scales(torch.ones(4), torch.ones(2, 4), alpha=1.5), ValueError, "alpha"),
+    ],
+)
+def test_int_quantization_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_supported_bits():
+    assert INT_BITS == (2, 3, 4, 5, 6, 7, 8)
+
+
+# --- int8 matmul, LLM.int8(), SmoothQuant ---------------------------------------------------------
+
+
+def test_int8_matmul_is_exact_and_equals_pytorch_int_mm():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 512), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+    exact = a.long() @ b.long().T  # (32, 64) int64: no overflow possible
+    assert torch.equal(int8_matmul(a, b).long(), exact)
+    assert torch.equal(torch._int_mm(a, b.T.contiguous()).long(), exact)
+
+
+def activations_with_outlier_features(seed=0, n=64, c=256, scale=60.0):
+    """Token activations (N, C) with two feature dimensions far larger than the rest, as in
+    LLM.int8() (section 4) and SmoothQuant (figure 4)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=g)
+    x[:, [7, 100]] *= scale
+    return x
+
+
+def test_outlier_features_break_per_tensor_int8_and_llm_int8_fixes_it():
+    x = activations_with_outlier_features()
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    y = x @ w.T
+
+    def rel(yq):
+        return float((yq - y).norm() / y.norm())
+
+    assert outlier_columns(x).nonzero().flatten().tolist() == [7, 100]
+    per_tensor, per_token = rel(w8a8_linear(x, w)), rel(w8a8_linear(x, w, "channel"))
+    mixed = rel(llm_int8_linear(x, w))
+    assert per_tensor > 0.04  # the outliers set the scale: ordinary features get a handful of codes
+    assert per_token < per_tensor and mixed < 0.005 and mixed < per_token / 5
+    # without outliers, per-token int8 is already accurate: the decomposition is about outliers
+    plain = activations_with_outlier_features(scale=1.0)
+    assert float((w8a8_linear(plain, w, "channel") - plain @ w.T).norm() / (plain @ w.T).norm()) < 0.01
+
+
+def test_llm_int8_matches_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional reference for LLM.int8()")
+    import bitsandbytes.functional as bnbf
+
+    x = activations_with_outlier_features()
+    # the int8 part: bitsandbytes' vector-wise quantization takes each row's absmax over the values
+    # below the threshold, and sets the codes of the outlier columns to 0 (they go to the 16-bit product)
+    codes, row_absmax, outlier_cols = bnbf.int8_vectorwise_quant(x.clone(), threshold=6.0)
+    regular = ~outlier_columns(x)
+    assert torch.equal(outlier_cols.sort().values, (~regular).nonzero().flatten())
+    ours = quantize_int(x.masked_fill(x.abs() >= 6.0, 0.0), 8, True, "channel")
+    assert torch.equal(codes[:, regular], ours.q[:, regular]) and (codes[:, ~regular] == 0).all()
+    torch.testing.assert_close(row_absmax / 127, ours.scale.view(-1), rtol=1e-6, atol=0)
+    # the whole layer: Linear8bitLt with threshold 6 (it dequantizes the int8 weight's outlier columns,
+    # llm_int8_linear uses the original ones, so the two agree to int8 rounding of the weight)
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    layer = bnb.nn.Linear8bitLt(256, 128, bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    with torch.no_grad():
+        theirs = layer(x)
+    y = x @ w.T
+    torch.testing.assert_close(llm_int8_linear(x, w), theirs, rtol=0, atol=0.02 * float(y.abs().max()))
+    assert float((llm_int8_linear(x, w) - y).norm()) < 2 * float((theirs - y).norm())
+
+
+def test_smoothquant_scales_follow_the_formula_and_balance_the_maxima():
+    x = activations_with_outlier_features()
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    act = x.abs().amax(dim=0)  # (C,)
+    s = smoothquant_scales(act, w, alpha=0.5)
+    torch.testing.assert_close(s, act.sqrt() / w.abs().amax(dim=0).sqrt())
+    # alpha = 0.5 makes the per-channel maxima of X / s and of W * s equal
+    torch.testing.assert_close((x / s).abs().amax(dim=0), (w * s).abs().amax(dim=0), rtol=1e-5, atol=0)
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-4)  # X W^T unchanged
+    # the migrated activations quantize per tensor far better
+    y = x @ w.T
+    before = float((w8a8_linear(x, w) - y).norm() / y.norm())
+    after = float((w8a8_linear(x / s, w * s) - y).norm() / y.norm())
+    assert after < before / 3
+
+
+def test_smoothing_folded_into_the_norm_leaves_the_model_unchanged():
+    from llmlab.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.tiny(vocab_size=50)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+        layer = model.model.layers[0]
+        attn = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+        act = torch.rand(model.config.n_embd) * 10 + 0.1
+        s = smoothquant_scales(act, torch.cat([m.weight for m in attn]), alpha=0.8)
+        smooth_norm_and_linears(layer.input_layernorm, attn, s)
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="in_features"):
+        smooth_norm_and_linears(layer.post_attention_layernorm, [layer.mlp.down_proj], s)
+
+
+# --- NF4 against bitsandbytes ---------------------------------------------------------------------
+
+
+def test_nf4_equals_bitsandbytes_quantize_4bit():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional reference for NF4")
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    ours = quantize_nf4(w, NF4Config.no_double_quant())
+    torch.testing.assert_close(state.code, NF4_LEVELS, rtol=0, atol=0)  # the same 16 levels
+    assert torch.equal(ours.packed, packed.reshape(-1))  # the same codes, the same nibble order
+    assert torch.equal(ours.scales, state.absmax)  # the same block absmax
+    assert torch.equal(dequantize_nf4(ours), bnbf.dequantize_4bit(packed, state))
