@@ -66,8 +66,11 @@ def hf_config(config: ModelConfig):
 
     family = hf_family(config)
     if family == "gpt2":
+        # GPT-2's bos/eos id (50256) exists only in its own vocabulary; llmlab models have no such
+        # special tokens, so a smaller vocabulary gets none (transformers warns about an id outside it).
+        special = {} if config.vocab_size > 50256 else {"bos_token_id": None, "eos_token_id": None}
         return transformers.GPT2Config(
-            vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+            **special, vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
             n_layer=config.n_layer, n_head=config.n_head, n_inner=config.ffn_hidden, activation_function="gelu_new",
             resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
             layer_norm_epsilon=config.norm_eps, initializer_range=config.init_std,

@@ -98,3 +98,14 @@ def test_configs_without_a_counterpart_are_rejected():
         to_hf(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="hf_model must be a Llama, Mixtral or GPT-2"):
         from_hf(torch.nn.Linear(2, 2))
+
+
+def test_gpt2_config_of_a_small_vocabulary_has_no_out_of_range_special_ids(caplog):
+    import logging
+
+    from llmlab.interop import hf_config
+
+    with caplog.at_level(logging.WARNING):
+        cfg = hf_config(CASES["gpt2"][0])  # a 48-character vocabulary
+    assert cfg.bos_token_id is None and cfg.eos_token_id is None
+    assert not [r for r in caplog.records if "bos_token_id" in r.getMessage()]
