@@ -44,11 +44,23 @@ Measured for each method (written to JSON, read by the notebooks):
     python scripts/peft_comparison.py --steps 3 --batch-size 2 --block-size 32 --eval-windows 2 --out /tmp/x.json
 
 The run is deterministic apart from the timings (fixed seeds, one thread).
+
+Learning-rate and seed sweep (``--sweep``): the table above is one seed at one learning rate per
+method, so it cannot rank methods. The sweep retrains the methods whose ranking the notebooks
+discuss (``SWEEP_GRID``: full fine-tuning, LoRA r=4 and r=64, adapters, prompt tuning, P-tuning and
+P-tuning v2) at several multiples of their learning rate, each with seeds 0, 1 and 2 (the seed sets
+the adapter initialisation and the data order), and writes only the two losses per run to
+``llmlab/results/peft_lr_sweep.json``. The notebooks pick each method's best multiplier by its mean
+over the seeds and report the min-max over the seeds there. Selection and report use the same
+validation windows, so the best mean is slightly optimistic for every method alike.
+
+    python scripts/peft_comparison.py --sweep         # 66 runs, about 20 minutes; total in the JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -78,6 +90,7 @@ from llmlab.train import TrainConfig, heldout_loss, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "llmlab" / "results" / "peft_comparison.json"  # package data: works on Colab too
+SWEEP_OUT = ROOT / "llmlab" / "results" / "peft_lr_sweep.json"
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VIRTUAL_TOKENS = 16  # N for prompt tuning, P-tuning, prefix tuning and P-tuning v2
 
@@ -180,6 +193,24 @@ METHODS = (
     Method("adapters (Houlsby)", "additive", "bottleneck MLP after o_proj and down_proj + norms", 3e-3, _houlsby),
     Method("LLaMA-Adapter", "additive", "10 gated prompts in the top 3 attention layers", 1e-1, _llama_adapter),
 )
+
+
+# Learning-rate multipliers of the sweep, per method (x the method's lr above). Every method brackets
+# its rate on both sides where it was a common, untuned value; full fine-tuning and the adapters won
+# at the top of their first grid (1/3 to 3 and 1/3 to 10), so the grid was extended up by one point
+# (a second invocation of the same command, which keeps the runs already done). Prompt tuning and
+# P-tuning v2 had won at 10x their first guess, so they go further up; P-tuning's rate was in the
+# interior of its earlier grid, so only its seeds vary.
+SWEEP_GRID = {
+    "full fine-tuning": (1 / 3, 1.0, 3.0, 10.0),
+    "LoRA r=4": (1 / 3, 1.0, 3.0, 10.0),
+    "LoRA r=64": (1 / 3, 1.0, 3.0),
+    "prompt tuning": (1.0, 3.0, 10.0),
+    "P-tuning (LSTM)": (1.0,),
+    "P-tuning v2": (1.0, 3.0),
+    "adapters (Houlsby)": (1 / 3, 1.0, 3.0, 10.0, 30.0),
+}
+SWEEP_SEEDS = (0, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +355,49 @@ def run_comparison(run: RunConfig, out: Path, methods: tuple[Method, ...] = METH
     return save_result(result, out)
 
 
+def run_sweep(run: RunConfig, out: Path, grid: dict[str, tuple[float, ...]] = SWEEP_GRID,
+              seeds: tuple[int, ...] = SWEEP_SEEDS) -> dict:  # fmt: skip
+    """Train every method of ``grid`` at each of its learning-rate multipliers and each seed.
+
+    Writes {"run", "base", "grid", "seeds", "runs": [{name, lr_multiplier, lr, seed, losses}], "command",
+    "total_seconds"} to ``out`` and returns it. If ``out`` already holds a sweep with the same ``run``,
+    its runs are kept and only the missing (method, multiplier, seed) runs are trained (so a grid can be
+    extended); ``total_seconds`` then adds up the time of every invocation.
+    """
+    methods = select_methods(list(grid))
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    previous = json.loads(Path(out).read_text()) if Path(out).is_file() else None
+    if previous is not None and previous.get("run") != asdict(run):
+        raise ValueError(f"out={out} holds a sweep with another run config; pass a new --out")
+    done = {(r["name"], r["lr_multiplier"], r["seed"]): r for r in (previous or {}).get("runs", [])}
+    data = load_data(run)
+    base, _ = load_pretrained()
+    result = {"run": asdict(run), "base": {"new_val_loss": eval_loss(base, data["new_val"], run),
+              "orig_val_loss": eval_loss(base, data["orig_val"], run)},
+              "grid": {k: list(v) for k, v in grid.items()}, "seeds": list(seeds), "runs": []}  # fmt: skip
+    keys = ("new_val_loss_init", "new_val_loss", "orig_val_loss_init", "orig_val_loss")
+    for method in methods:
+        for multiplier in grid[method.name]:
+            for seed in seeds:
+                if (method.name, round(multiplier, 4), seed) in done:
+                    result["runs"].append(done[(method.name, round(multiplier, 4), seed)])
+                    continue
+                row = train_method(method, data, replace(run, lr_multiplier=multiplier, seed=seed))
+                entry = {"name": method.name, "lr_multiplier": round(multiplier, 4), "lr": row["lr"],
+                         "seed": seed, **{k: row[k] for k in keys}}  # fmt: skip
+                result["runs"].append(entry)
+                print(f"{method.name:>20} x{multiplier:<6.3g} seed {seed}: new {entry['new_val_loss']:.3f}, "
+                      f"orig {entry['orig_val_loss']:.3f}", flush=True)  # fmt: skip
+    defaults = RunConfig()
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(run).items() if v != getattr(defaults, k)]
+    flags += [f"--only {m.name!r}" for m in methods] if grid != SWEEP_GRID else []
+    result["command"] = " ".join(["python scripts/peft_comparison.py --sweep", *flags])
+    earlier = previous["total_seconds"] if previous else 0.0
+    result["total_seconds"] = round(earlier + time.perf_counter() - start, 1)
+    return save_result(result, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = RunConfig()
@@ -331,9 +405,16 @@ def main() -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON result")
     parser.add_argument("--only", action="append", default=None, metavar="NAME", help="run only this method")
+    parser.add_argument("--sweep", action="store_true", help="learning-rate x seed sweep (SWEEP_GRID)")
     args = vars(parser.parse_args())
-    out, only = args.pop("out"), args.pop("only")
-    run_comparison(replace(defaults, **args), out, select_methods(only))
+    out, only, sweep = args.pop("out"), args.pop("only"), args.pop("sweep")
+    run = replace(defaults, **args)
+    if sweep:
+        grid = {k: v for k, v in SWEEP_GRID.items() if only is None or k in only}
+        out = SWEEP_OUT if out == DEFAULT_OUT else out
+        run_sweep(run, out, grid)
+    else:
+        run_comparison(run, out, select_methods(only))
     print(f"wrote {out}")
 
 

@@ -77,3 +77,36 @@ def test_committed_result_is_complete_and_names_its_command():
     assert rows["QLoRA r=16"]["resident_bytes"] < rows["LoRA r=16"]["resident_bytes"] / 3  # 4-bit base weights
     ranks = rows["AdaLoRA r=16->4"]["extras"]["ranks"]
     assert sum(ranks.values()) == 4 * len(ranks)  # the final budget: target_r = 4 on average
+
+
+def test_sweep_trains_each_multiplier_and_seed_and_resumes(tmp_path):
+    run = experiment.RunConfig(steps=2, batch_size=1, block_size=16, eval_windows=1, recipe_chars=3000)
+    out = tmp_path / "sweep.json"
+    first = experiment.run_sweep(run, out, {"LoRA r=1": (1.0,)}, seeds=(0, 1))
+    assert [(r["name"], r["lr_multiplier"], r["seed"]) for r in first["runs"]] == [
+        ("LoRA r=1", 1.0, 0), ("LoRA r=1", 1.0, 1)]  # fmt: skip
+    assert first["runs"][0]["new_val_loss"] != first["runs"][1]["new_val_loss"]  # the seed matters
+    lora_lr = {m.name: m.lr for m in experiment.METHODS}["LoRA r=1"]
+    grid = {"LoRA r=1": (1.0, 3.0), "prompt tuning": (1.0,)}
+    second = experiment.run_sweep(run, out, grid, seeds=(0, 1))
+    assert second["runs"][:2] == first["runs"]  # kept, not retrained
+    assert [(r["name"], r["lr"]) for r in second["runs"][2:4]] == [("LoRA r=1", 3 * lora_lr)] * 2
+    assert len(second["runs"]) == 6 and second["total_seconds"] > first["total_seconds"]
+    assert second["command"].startswith("python scripts/peft_comparison.py --sweep --steps 2")
+    with pytest.raises(ValueError, match="another run config"):
+        experiment.run_sweep(experiment.RunConfig(steps=3), out, grid)
+
+
+def test_committed_sweep_is_complete_and_reproduces_the_table_at_seed_0():
+    sweep = load_result("peft_lr_sweep")
+    table = {r["name"]: r for r in load_result("peft_comparison")["methods"]}
+    assert sweep["command"] == "python scripts/peft_comparison.py --sweep"
+    assert sweep["run"] == load_result("peft_comparison")["run"]
+    found = {(r["name"], r["lr_multiplier"], r["seed"]) for r in sweep["runs"]}
+    expected = {(name, round(m, 4), s) for name, grid in experiment.SWEEP_GRID.items() for m in grid
+                for s in experiment.SWEEP_SEEDS}  # fmt: skip
+    assert found == expected
+    for r in sweep["runs"]:
+        if r["lr_multiplier"] == 1.0 and r["seed"] == 0:  # the table's own setting, retrained
+            assert r["new_val_loss"] == table[r["name"]]["new_val_loss"]
+            assert r["orig_val_loss"] == table[r["name"]]["orig_val_loss"]
