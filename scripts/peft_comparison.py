@@ -40,7 +40,7 @@ Measured for each method (written to JSON, read by the notebooks):
   validation split (``llmlab.train.heldout_loss``), at initialisation and after training. The
   difference on the stories is the forgetting; every model is evaluated with its adapter active.
 
-    python scripts/peft_comparison.py                 # about 7 minutes on a 2-core CPU (442 s for the committed run)
+    python scripts/peft_comparison.py                 # about 4 minutes on a 2-core CPU (total_seconds in the JSON)
     python scripts/peft_comparison.py --steps 3 --batch-size 2 --block-size 32 --eval-windows 2 --out /tmp/x.json
 
 The run is deterministic apart from the timings (fixed seeds, one thread).
