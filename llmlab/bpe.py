@@ -109,8 +109,8 @@ def _chunk_counts(text: str, pattern: str, special_tokens: Iterable[str]) -> Cou
 
 
 def _best_pair(stats: dict[tuple[int, int], int], vocab: dict[int, bytes]) -> tuple[int, int]:
-    """Most frequent pair; ties go to the greatest (vocab[a], vocab[b])."""
-    return max(stats, key=lambda p: (stats[p], vocab[p[0]], vocab[p[1]]))
+    """Most frequent pair; ties go to the greatest (vocab[a], vocab[b]), then to the smaller ids."""
+    return max(stats, key=lambda p: (stats[p], vocab[p[0]], vocab[p[1]], -p[0], -p[1]))
 
 
 def _train_plain(words: list[list[int]], freqs: list[int], num_merges: int, vocab: dict[int, bytes]):
