@@ -202,6 +202,7 @@ class BPETokenizer(Tokenizer):
         pattern: str = GPT4_SPLIT_PATTERN,
         special_tokens: dict[str, int] | None = None,
         byte_ids: Iterable[int] | None = None,
+        cache_size: int = 1_000_000,
     ) -> None:
         merges = dict(merges)
         self.byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
@@ -230,6 +231,7 @@ class BPETokenizer(Tokenizer):
                 raise ValueError(f"special_tokens[{name!r}] must be an unused id, got {i}")
             self.special_tokens[name] = i
         self.inverse_special = {i: s for s, i in self.special_tokens.items()}
+        self.cache_size = check_int("cache_size", cache_size, minimum=0)  # chunks remembered; 0 = no cache
         self._cache: dict[str, list[int]] = {}
 
     # --- training -------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ class BPETokenizer(Tokenizer):
             if pair not in merges:
                 break
             ids = _merge(ids, pair, merges[pair])
-        if len(self._cache) < 1_000_000:
+        if len(self._cache) < self.cache_size:
             self._cache[chunk] = ids
         return ids
 

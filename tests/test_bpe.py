@@ -209,3 +209,19 @@ def test_ids_without_a_token_raise(cl100k):
     _, tok = cl100k
     with pytest.raises(ValueError, match="id 100256 has no token"):
         tok.decode([100256])
+
+
+def test_cache_changes_nothing_but_speed():
+    tok = _small()
+    off = BPETokenizer(tok.merges, pattern=tok.pattern, cache_size=0)
+    text = "ab abc 中文 'll 11 abab"
+    assert off.encode(text) == tok.encode(text) and not off._cache and tok._cache
+    with pytest.raises(ValueError, match="cache_size must be an integer >= 0"):
+        BPETokenizer(cache_size=-1)
+
+
+def test_from_tiktoken_bad_ranks():
+    with pytest.raises(ValueError, match="must contain every single byte"):
+        BPETokenizer.from_tiktoken({b"a": 0}, GPT4_SPLIT_PATTERN)
+    with pytest.raises(TypeError, match="mergeable_ranks must be a dict"):
+        BPETokenizer.from_tiktoken([b"a"], GPT4_SPLIT_PATTERN)
