@@ -29,6 +29,7 @@ and held-out loss measure. Embeddings and the output head are not quantized (as 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -200,3 +201,48 @@ def rtn_quantize_model(
         deq = fake_quantize(linear.weight, config.bits, config.symmetric, config.granularity, config.group_size)
         linear.weight.copy_(deq)
     return model
+
+
+METHODS = ("rtn", "gptq", "nf4")
+
+
+@torch.no_grad()
+def quantize_linears(
+    model: nn.Module,
+    method: str,
+    config: GPTQConfig | None = None,
+    calib_ids: torch.Tensor | None = None,
+    names: Iterable[str] = LINEAR_NAMES,
+) -> tuple[nn.Module, int]:
+    """A quantized copy of ``model`` and its weight storage in bytes.
+
+    ``method``: "rtn" (round-to-nearest, ``config``'s format), "gptq" (needs ``calib_ids`` (B, T)) or
+    "nf4" (QLoRA's NF4, block 64 with double quantization; ``config`` is ignored). Only the target
+    linears are quantized; every other parameter (embeddings, output head, norms) is counted at
+    fp32. Storage counts the codes at their width, fp16 scales and, for zero-point codes, b-bit zero
+    points (``IntQuantized.storage_bits``), or ``NF4Tensor.storage_bits`` for NF4.
+    """
+    from llmlab.quantization import dequantize_nf4, quantize_nf4
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config = config or GPTQConfig()
+    quantized = copy.deepcopy(model).eval()
+    targets = target_linears(quantized, names)
+    target_params = {id(m.weight) for _, m in targets}
+    other_bits = sum(32 * p.numel() for p in quantized.parameters() if id(p) not in target_params)
+    if method == "gptq":
+        if calib_ids is None:
+            raise ValueError("calib_ids must be given for method='gptq' (token ids (B, T) to calibrate on)")
+        codes = gptq_quantize_model(quantized, calib_ids, config, names)
+        return quantized, (other_bits + sum(c.storage_bits() for c in codes.values())) // 8
+    bits = other_bits
+    for _, linear in targets:
+        if method == "nf4":
+            q = quantize_nf4(linear.weight)
+            linear.weight.copy_(dequantize_nf4(q, linear.weight.dtype))
+        else:
+            q = quantize_int(linear.weight, config.bits, config.symmetric, config.granularity, config.group_size)
+            linear.weight.copy_(q.dequantize().to(linear.weight.dtype))
+        bits += q.storage_bits()
+    return quantized, bits // 8

@@ -464,8 +464,9 @@ def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch
 # with lo = min(min x, 0) and hi = max(max x, 0), so that 0 is exactly representable (zero padding,
 # ReLU outputs), as PyTorch's MinMaxObserver and GPTQ's quantizer do. The symmetric range is the
 # restricted one, [-127, 127] for int8 ([-7, 7] for int4), so that -x quantizes to -q.
-# The division is done as x * (1 / s), as PyTorch's quantize_per_tensor / quantize_per_channel
-# kernels do, so the codes are bit-identical to theirs (tests/test_quantization.py).
+# The code is computed as round(x * (1 / s) + z) in fp32, as PyTorch's quantize_per_tensor /
+# quantize_per_channel kernels do, so the codes are bit-identical to theirs (with the zero point
+# added after rounding, about 1 code in 10^5 differs; tests/test_quantization.py).
 
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)  # integer widths supported (codes are held in one byte each)
 GRANULARITIES = ("tensor", "channel", "group")
@@ -514,9 +515,9 @@ def compute_qparams(
 def quantize_with(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, symmetric: bool = True
 ) -> torch.Tensor:
-    """Integer codes for given parameters: clamp(round(x * (1/s)) + z). int8 (symmetric) or uint8."""
+    """Integer codes for given parameters: clamp(round(x * (1/s) + z)). int8 (symmetric) or uint8."""
     qmin, qmax = int_range(bits, symmetric)
-    q = torch.round(x.to(torch.float32) * (1.0 / scale)) + zero_point
+    q = torch.round(x.to(torch.float32) * (1.0 / scale) + zero_point)  # z added before rounding
     return q.clamp(qmin, qmax).to(torch.int8 if symmetric else torch.uint8)
 
 
@@ -692,3 +693,55 @@ def smooth_norm_and_linears(norm: nn.Module, linears: list[nn.Linear], scales: t
         if not isinstance(linear, nn.Linear) or linear.in_features != scales.shape[0]:
             raise ValueError(f"linears must be nn.Linear layers with in_features={scales.shape[0]}")
         linear.weight.mul_(scales.to(linear.weight.dtype))  # (out, in) * (in,): column j times s_j
+
+
+# ----------------------------------------------------------------------------------------------
+# Real CPU kernels, for timing "is int8 faster than fp16/bf16?"
+
+
+def quantized_linear_kernels(weight: torch.Tensor) -> dict[str, object]:
+    """y = x W^T through PyTorch's real CPU kernels, one callable per storage format. weight (out, in).
+
+    - "fp32", "bf16", "fp16": dense ``F.linear`` (bf16 uses oneDNN, which has native bf16 dot products
+      on CPUs with AVX512-BF16 / AMX; most CPUs have no fp16 arithmetic, so fp16 is emulated).
+    - "int8 weight-only": ``torch._weight_int8pack_mm``: int8 weight with one scale per output channel,
+      bf16 activations (the CPU kernel's fast path); the weight is read as int8, a quarter of fp32.
+    - "int8 W8A8 dynamic": ``torch.ao.nn.quantized.dynamic.Linear`` (fbgemm): each call quantizes x per
+      tensor to int8, runs an int8 GEMM with int32 accumulation and rescales to fp32.
+    - "int8 GEMM only": ``torch._int_mm`` on int8 operands already quantized, the bare int8 kernel.
+
+    Each callable takes x (N, in) float32 and returns (N, out); the int8 ones are approximate.
+    """
+    check_tensor("weight", weight, ndim=2, layout="(out, in)")
+    w = weight.detach().to(torch.float32).contiguous()  # (out, in)
+    w_bf16, w_fp16 = w.to(torch.bfloat16), w.to(torch.float16)
+    qw = quantize_int(w, 8, True, "channel")  # (out, in) int8, scale (out, 1)
+    w_int8, w_scale = qw.q.contiguous(), qw.scale.view(-1).contiguous()  # (out, in), (out,)
+    w_scale_bf16 = w_scale.to(torch.bfloat16)
+    w_int8_t = qw.q.T.contiguous()  # (in, out) for torch._int_mm
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    with warnings.catch_warnings():  # PyTorch marks its eager-mode quantization API as deprecated
+        warnings.simplefilter("ignore")
+        dynamic = DynamicLinear(w.shape[1], w.shape[0], bias_=False, dtype=torch.qint8)
+        zero_points = torch.zeros_like(w_scale, dtype=torch.long)  # (out,)
+        dynamic.set_weight_bias(torch.quantize_per_channel(w, w_scale.double(), zero_points, 0, torch.qint8), None)
+    x_int8_cache: dict[int, torch.Tensor] = {}
+
+    def int_gemm(x: torch.Tensor) -> torch.Tensor:
+        key = id(x)
+        if key not in x_int8_cache:  # quantized once, outside the timing: the bare GEMM is measured
+            x_int8_cache.clear()
+            x_int8_cache[key] = quantize_int(x, 8, True, "tensor").q
+        return torch._int_mm(x_int8_cache[key], w_int8_t)  # (N, out) int32
+
+    return {
+        "fp32": lambda x: F.linear(x, w),
+        "bf16": lambda x: F.linear(x.to(torch.bfloat16), w_bf16),
+        "fp16": lambda x: F.linear(x.to(torch.float16), w_fp16),
+        "int8 weight-only": lambda x: torch._weight_int8pack_mm(x.to(torch.bfloat16), w_int8, w_scale_bf16),
+        "int8 W8A8 dynamic": lambda x: dynamic(x),
+        "int8 GEMM only": int_gemm,
+    }

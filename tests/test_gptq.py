@@ -144,3 +144,15 @@ def test_gptq_model_keeps_the_held_out_loss_closer_than_rtn(shipped):
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_recorded_perplexity_result_starts_from_the_checkpoints_held_out_loss():
+    from llmlab.checkpoint import pretrained_dir, read_config
+    from llmlab.notebook import load_result
+
+    result = load_result("quant_perplexity")
+    heldout = read_config(pretrained_dir())["metadata"]["heldout"]
+    fp32 = result["rows"][0]
+    assert fp32["method"] == "fp32" and result["eval_windows"] == heldout["full_windows"]
+    assert fp32["losses"][0] == pytest.approx(heldout["full_loss"], abs=1e-3)
+    assert result["seeds"] == 3 and all(len(r["losses"]) == 3 for r in result["rows"] if r["method"] == "gptq")

@@ -631,3 +631,22 @@ def test_nf4_equals_bitsandbytes_quantize_4bit():
     assert torch.equal(ours.packed, packed.reshape(-1))  # the same codes, the same nibble order
     assert torch.equal(ours.scales, state.absmax)  # the same block absmax
     assert torch.equal(dequantize_nf4(ours), bnbf.dequantize_4bit(packed, state))
+
+
+# --- real CPU kernels used for the speed comparison ------------------------------------------------
+
+
+def test_quantized_linear_kernels_compute_the_same_product():
+    from llmlab.quantization import quantized_linear_kernels
+
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+    kernels = quantized_linear_kernels(w)
+    ref = x @ w.T
+    tolerance = {"fp32": 1e-6, "bf16": 0.01, "fp16": 0.002, "int8 weight-only": 0.02, "int8 W8A8 dynamic": 0.03}
+    for name, tol in tolerance.items():
+        y = kernels[name](x).float()  # (16, 96)
+        assert float((y - ref).norm() / ref.norm()) < tol, name
+    # the bare int8 GEMM returns int32 accumulators of the per-tensor int8 codes
+    qx, qw = quantize_int(x, 8, True, "tensor"), quantize_int(w, 8, True, "channel")
+    assert torch.equal(kernels["int8 GEMM only"](x), int8_matmul(qx.q, qw.q))
