@@ -13,6 +13,7 @@ from llmlab import (
     adalora,
     adapters,
     attention,
+    bpe,
     checkpoint,
     data,
     decoding,
@@ -38,6 +39,8 @@ from llmlab import (
     shapes,
     tokenizer,
     train,
+    vocab_expansion,
+    wordpiece,
 )
 from llmlab.checkpoint import load_pretrained
 from llmlab.model import LLM, ModelConfig
@@ -52,6 +55,7 @@ __all__ = [
     "adalora",
     "adapters",
     "attention",
+    "bpe",
     "checkpoint",
     "data",
     "decoding",
@@ -79,4 +83,6 @@ __all__ = [
     "shapes",
     "tokenizer",
     "train",
+    "vocab_expansion",
+    "wordpiece",
 ]
