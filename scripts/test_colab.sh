@@ -16,8 +16,9 @@ trap 'rm -rf "$work"' EXIT
 test -x "$venv/bin/python" || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --quiet)
 "${pip[@]}" install --upgrade pip
-# Test tools at the project's pins; the libraries at Colab's versions.
-grep -vE '^(torch|transformers|peft|numpy|matplotlib|safetensors|tqdm)==|^-e ' requirements.txt > "$work/tools.txt"
+# The libraries at Colab's versions (requirements-colab.txt); everything else at the project's pins.
+pinned=$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements-colab.txt | paste -sd'|')
+grep -vE "^($pinned)==|^-e " requirements.txt > "$work/tools.txt"
 "${pip[@]}" install -r requirements-colab.txt -r "$work/tools.txt"
 
 "${pip[@]}" wheel --no-deps --wheel-dir "$work/dist" .
@@ -34,7 +35,8 @@ import importlib.metadata as md
 import llmlab
 assert "site-packages" in llmlab.__file__, llmlab.__file__
 print("llmlab from the wheel;", ", ".join(f"{d} {md.version(d)}" for d in
-      ("torch", "transformers", "peft", "numpy", "matplotlib", "safetensors", "tqdm")))
+      ("torch", "transformers", "peft", "numpy", "matplotlib", "safetensors", "tqdm", "regex",
+       "tokenizers")))
 PY
 export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE
 "$venv/bin/python" -m pytest tests notebooks -n "${WORKERS:-2}" --dist loadfile -p no:cacheprovider \
