@@ -162,7 +162,7 @@ def _quiet_profiler():
     descriptor 2, and some torch releases (2.11 among them) warn that "Profiler clears events at the
     end of each cycle", which concerns scheduled multi-cycle profiling, not this single cycle."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Profiler clears events")
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")  # 2.11: "Warning: Profiler..."
         with _quiet_fd2():
             yield
 

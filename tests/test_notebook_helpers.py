@@ -31,8 +31,10 @@ def test_measure_peak_memory_hides_the_profiler_cycle_warning(monkeypatch):
     original_start = torch.profiler.profile.start
 
     def noisy_start(self):
-        warnings.warn("Profiler clears events at the end of each cycle. Only events from the current "
-                      "cycle will be reported.", UserWarning, stacklevel=2)
+        # torch 2.11's exact text (torch/profiler/profiler.py), including its "Warning: " prefix
+        warnings.warn("Warning: Profiler clears events at the end of each cycle.Only events from the "
+                      "current cycle will be reported.To keep events across cycles, set acc_events=True.",
+                      UserWarning, stacklevel=2)
         return original_start(self)
 
     monkeypatch.setattr(torch.profiler.profile, "start", noisy_start)
