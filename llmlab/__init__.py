@@ -12,6 +12,7 @@ needs only torch and numpy.
 from llmlab import (
     adalora,
     adapters,
+    alignment,
     attention,
     bpe,
     checkpoint,
@@ -54,6 +55,7 @@ __all__ = [
     "__version__",
     "adalora",
     "adapters",
+    "alignment",
     "attention",
     "bpe",
     "checkpoint",
