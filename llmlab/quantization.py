@@ -24,7 +24,8 @@ What it implements
   ``torch.quantize_per_channel``. ``int8_matmul`` (exact int32 accumulation), ``w8a8_linear`` (both
   operands int8), ``llm_int8_linear`` (LLM.int8()'s outlier decomposition, Dettmers et al. 2022) and
   ``smoothquant_scales`` / ``smooth_norm_and_linears`` (SmoothQuant, Xiao et al. 2023). GPTQ, which
-  uses these codes, lives in ``llmlab.gptq``.
+  uses these codes, lives in ``llmlab.gptq``. ``quantized_linear_kernels``: one linear layer through
+  PyTorch's real CPU kernels (fp32, bf16, fp16, int8 weight-only, W8A8, bare int8 GEMM) for timing.
 
 Difference from bitsandbytes, on purpose: the second-level (double) quantization here uses plain
 symmetric int8 codes with one absmax per block of 256; bitsandbytes stores the scales in its 8-bit
