@@ -16,6 +16,7 @@ from llmlab.gptq import (
     gptq_quantize_weight,
     hessian,
     layer_output_error,
+    quantize_linears,
     rtn_quantize_model,
     target_linears,
 )
@@ -139,6 +140,8 @@ def test_gptq_model_keeps_the_held_out_loss_closer_than_rtn(shipped):
          ValueError, "group_size must divide the number of columns 352, got 64"),
         (lambda: hessian(torch.randn(2, 3, 4)), ValueError, "x must have 2 dimensions"),
         (lambda: target_linears(torch.nn.Sequential(torch.nn.ReLU())), ValueError, "no nn.Linear"),
+        (lambda: quantize_linears(torch.nn.Linear(4, 4), "awq"), ValueError, "method must be one of"),
+        (lambda: quantize_linears(load_pretrained()[0], "gptq"), ValueError, "calib_ids must be given"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, error, match):
