@@ -318,3 +318,91 @@ def story_qa_dataset(n: int, seed: int = 0, turns: int = 2, max_chars: int | Non
             if len(out) == n:
                 return out
     raise ValueError(f"max_chars={max_chars} is too small: fewer than 1 in 100 {turns}-turn dialogues fit")
+
+
+# --- training and evaluation helpers for the notebooks ---------------------------------------------
+
+
+def sft_batch(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (input_ids (L,), targets (L,)) examples into (B, T) tensors (targets padded with -100)."""
+    if not examples:
+        raise ValueError("examples is empty")
+    t = max(len(x) for x, _ in examples)
+    x = torch.full((len(examples), t), pad_id, dtype=torch.long)  # (B, T)
+    y = torch.full((len(examples), t), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for i, (xi, yi) in enumerate(examples):
+        x[i, : len(xi)], y[i, : len(yi)] = xi, yi
+    return x, y
+
+
+def answer_accuracy(model, tokenizer: Any, dialogues: list[list[dict[str, str]]], template: str = CHAT_TEMPLATE,
+                    max_new_tokens: int = 24) -> float:
+    """Fraction of assistant turns that greedy decoding reproduces exactly, each turn generated after
+    the gold conversation so far plus the generation prompt, stopping at the end-of-turn newline."""
+    stop = tokenizer.encode("\n")[0]
+    hits = total = 0
+    model.eval()
+    with torch.no_grad():
+        for chat in dialogues:
+            for i, m in enumerate(chat):
+                if m["role"] != "assistant":
+                    continue
+                ids = tokenizer.encode(render_chat(chat[:i], template, add_generation_prompt=True))
+                x = torch.tensor([ids])  # (1, T)
+                out: list[int] = []
+                for _ in range(max_new_tokens):
+                    nxt = int(model(x).logits[0, -1].argmax())
+                    if nxt == stop:
+                        break
+                    out.append(nxt)
+                    x = torch.cat([x, torch.tensor([[nxt]])], dim=1)  # (1, T + 1)
+                hits += tokenizer.decode(out) == m["content"]
+                total += 1
+    if total == 0:
+        raise ValueError("dialogues hold no assistant turn to score")
+    return hits / total
+
+
+def finetune(model, examples: list[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float, batch_size: int = 16,
+             seed: int = 0, replay: torch.Tensor | None = None, replay_fraction: float = 0.0,
+             block_size: int = 128) -> list[float]:
+    """Fine-tune the parameters of ``model`` that require grad with AdamW (no weight decay, constant lr).
+
+    Each step draws ``batch_size`` examples (``random.Random(seed)``); with ``replay`` (old-domain token
+    ids (N,)) the loss is (1 - f) * SFT loss + f * next-token loss on 4 random old-domain windows,
+    f = ``replay_fraction`` (experience replay against forgetting). Returns the per-step losses."""
+    steps = check_int("steps", steps, minimum=1)
+    if not 0.0 <= replay_fraction < 1.0 or (replay_fraction > 0 and replay is None):
+        raise ValueError(f"replay_fraction must be in [0, 1) and needs replay data, got {replay_fraction}")
+    from llmlab.data import get_batch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter that requires grad")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        x, y = sft_batch(rng.sample(examples, batch_size))  # (B, T), (B, T)
+        loss = model(x, targets=y).loss
+        if replay_fraction > 0:
+            xb, yb = get_batch(replay, 4, block_size, gen)  # (4, T), (4, T)
+            loss = (1 - replay_fraction) * loss + replay_fraction * model(xb, targets=yb).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def freeze_except(model, prefixes: tuple[str, ...]) -> int:
+    """Train only parameters whose name starts with one of ``prefixes``; return how many elements train."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(tuple(prefixes))
+        n += p.numel() if p.requires_grad else 0
+    if n == 0:
+        raise ValueError(f"prefixes {prefixes!r} match no parameter name")
+    return n

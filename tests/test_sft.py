@@ -13,14 +13,18 @@ import llmlab
 from llmlab.sft import (
     CHAT_TEMPLATE,
     IGNORE_INDEX,
+    answer_accuracy,
     assistant_char_mask,
     block_diagonal_mask,
     check_template,
     encode_chat,
+    finetune,
+    freeze_except,
     hf_chat_tokenizer,
     pack_examples,
     packed_loss,
     render_chat,
+    sft_batch,
     sft_example,
     story_qa,
     story_qa_dataset,
@@ -177,3 +181,46 @@ def test_story_qa_dataset_is_reproducible_in_vocabulary_and_fits_the_context():
         story_qa_dataset(2, turns=6)
     with pytest.raises(ValueError, match="max_chars=40 is too small"):
         story_qa_dataset(2, max_chars=40)
+
+
+# --- training helpers ------------------------------------------------------------------------------
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the next character of ``text`` (shifted by ``offset``): a model with known accuracy."""
+
+    def __init__(self, text, offset=0):
+        super().__init__()
+        self.ids, self.offset = TOK.encode(text), offset
+
+    def forward(self, x):
+        logits = torch.zeros(1, x.shape[1], TOK.vocab_size)
+        logits[0, -1, self.ids[min(x.shape[1] + self.offset, len(self.ids) - 1)]] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_answer_accuracy_scores_exact_greedy_answers():
+    chat = CHATS[0]
+    assert answer_accuracy(Oracle(render_chat(chat)), TOK, [chat]) == 1.0
+    assert answer_accuracy(Oracle(render_chat(chat), offset=1), TOK, [chat]) == 0.0
+    with pytest.raises(ValueError, match="no assistant turn"):
+        answer_accuracy(Oracle("Q a\n"), TOK, [CHATS[2]])
+
+
+def test_sft_batch_and_finetune_learn_the_answers_only():
+    examples = [sft_example(c, TOK) for c in story_qa_dataset(8, seed=3)]
+    x, y = sft_batch(examples[:3])
+    assert x.shape == y.shape and x.shape[1] == max(len(e[0]) for e in examples[:3])
+    assert (y[1, len(examples[1][1]):] == IGNORE_INDEX).all()
+    torch.manual_seed(0)
+    model = llmlab.LLM(llmlab.ModelConfig.tiny(vocab_size=TOK.vocab_size))
+    n = freeze_except(model, ("model.layers.1.", "lm_head"))
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+    frozen = model.model.embed_tokens.weight.clone()
+    losses = finetune(model, examples, steps=15, lr=1e-2, batch_size=4)
+    assert losses[-1] < 0.7 * losses[0]
+    assert torch.equal(frozen, model.model.embed_tokens.weight)  # frozen parameters did not move
+    with pytest.raises(ValueError, match="match no parameter name"):
+        freeze_except(model, ("nope",))
+    with pytest.raises(ValueError, match="replay_fraction must be in"):
+        finetune(model, examples, steps=1, lr=1e-3, replay_fraction=0.5)
