@@ -224,3 +224,15 @@ def test_sft_batch_and_finetune_learn_the_answers_only():
         freeze_except(model, ("nope",))
     with pytest.raises(ValueError, match="replay_fraction must be in"):
         finetune(model, examples, steps=1, lr=1e-3, replay_fraction=0.5)
+
+
+def test_committed_forgetting_result_is_complete():
+    from llmlab.notebook import load_result
+
+    rec = load_result("sft_forgetting")
+    assert rec["command"] == "python scripts/sft_forgetting.py" and rec["seeds"] == [0, 1, 2]
+    assert set(rec["runs"]) == {"full lr 3e-3", "full lr 1e-3", "replay 25%", "LoRA r=8", "freeze lower half"}
+    for run in rec["runs"].values():
+        assert len(run["per_seed"]) == 3
+        assert all(s["old_loss"] > rec["base"]["old_loss"] and s["new_loss"] < rec["base"]["new_loss"]
+                   for s in run["per_seed"])
