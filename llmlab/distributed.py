@@ -348,7 +348,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._owner: dict[int, int] = {}  # id(param) -> owner rank
         self.optim: torch.optim.Optimizer | None = None  # the local optimizer over this rank's shard
         self._consolidated: dict | None = None
-        super().__init__(params, kwargs)
+        # the class's full defaults (betas, eps, ...), so param_groups match a plain optimizer's
+        defaults = optimizer_cls([torch.zeros(1, requires_grad=True)], **kwargs).defaults
+        super().__init__(params, dict(defaults))
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group: its parameters are assigned to ranks; this rank's part joins ``self.optim``."""
