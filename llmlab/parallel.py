@@ -1,16 +1,19 @@
-"""Tensor parallelism in the style of Megatron-LM (Shoeybi et al. 2019, arXiv:1909.08053).
+"""Model parallelism on torch.distributed: Megatron-LM tensor parallelism (Shoeybi et al. 2019,
+arXiv:1909.08053) and a GPipe pipeline schedule (Huang et al. 2019, arXiv:1811.06965).
 
 The SwiGLU MLP is split column-parallel (gate_proj and up_proj keep F/N output rows each) then
 row-parallel (down_proj keeps F/N input columns), attention is split by heads (H/N query heads and
 K/N key/value heads per rank, o_proj split by its input columns). Each sublayer needs one
 all-reduce in the forward pass (``g``) and one in the backward pass (``f``, for the input
 gradient). What it leaves out: sequence parallelism, vocabulary-parallel embeddings, biases on the
-row-parallel projections. Reference: Megatron-LM ``megatron/core/tensor_parallel/layers.py``.
+row-parallel projections, 1F1B and interleaved pipeline schedules.
+Reference: Megatron-LM ``megatron/core/tensor_parallel/layers.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -18,7 +21,7 @@ from torch import nn
 from llmlab.attention import Attention
 from llmlab.ffn import SwiGLUMLP
 
-__all__ = ["TensorParallelAttention", "TensorParallelMLP"]
+__all__ = ["PipelineStage", "TensorParallelAttention", "TensorParallelMLP", "bubble_fraction", "gpipe_step"]
 
 
 def _dist():
@@ -122,3 +125,97 @@ class TensorParallelAttention(nn.Module):
     def forward(self, x: torch.Tensor, **kwargs):
         out, probs = self.local(_CopyToParallel.apply(x), **kwargs)
         return _ReduceFromParallel.apply(out), probs  # (B, T, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline parallelism: GPipe (Huang et al. 2019, arXiv:1811.06965)
+
+
+class PipelineStage(nn.Module):
+    """Stage ``stage`` of ``n_stages`` of an ``LLM``: a contiguous run of its layers; stage 0 also
+    owns the token embedding, the last stage the final norm and ``lm_head``. Rope or no positions,
+    dense feed-forward and untied embeddings only."""
+
+    def __init__(self, model: nn.Module, n_stages: int, stage: int) -> None:
+        super().__init__()
+        cfg = model.config
+        if not 1 <= n_stages <= cfg.n_layer:
+            raise ValueError(f"n_stages must be in [1, n_layer={cfg.n_layer}], got {n_stages}")
+        if not 0 <= stage < n_stages:
+            raise ValueError(f"stage must be in [0, {n_stages}), got {stage}")
+        if cfg.position not in ("rope", "none") or cfg.ffn == "moe" or cfg.tie_embeddings:
+            raise ValueError("PipelineStage supports position rope/none, dense FFNs, untied embeddings")
+        bounds = [round(i * cfg.n_layer / n_stages) for i in range(n_stages + 1)]
+        self.config, self.first, self.last = cfg, stage == 0, stage == n_stages - 1
+        self.layers = nn.ModuleList(model.model.layers[bounds[stage]:bounds[stage + 1]])
+        self.embed_tokens = model.model.embed_tokens if self.first else None
+        self.norm = model.model.norm if self.last else None
+        self.lm_head = model.lm_head if self.last else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Stage 0: input_ids (b, T) -> (b, T, C); others (b, T, C) -> (b, T, C), the last -> logits."""
+        from llmlab.positional import rope_cos_sin
+
+        if self.first:
+            h = self.embed_tokens(h)  # (b, T, C)
+        t = h.shape[1]
+        rope = None
+        if self.config.position == "rope":
+            rope = rope_cos_sin(torch.arange(t), self.config.head_dim, self.config.rope_base,
+                                scaling=self.config.rope_scaling, factor=self.config.rope_factor,
+                                dtype=h.dtype)  # each (T, D)
+        for layer in self.layers:
+            h, _, _ = layer(h, mask=None, is_causal=True, positions=torch.arange(t), cache=None,
+                            rope=rope, return_probs=False)  # (b, T, C)
+        return self.lm_head(self.norm(h)) if self.last else h  # (b, T, V) or (b, T, C)
+
+
+def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Tensor, n_micro: int):
+    """One GPipe step: all micro-batch forwards, then all backwards; activations and their
+    gradients travel between neighbouring ranks with send/recv. Gradients accumulate in the stage.
+    Returns (loss on the last rank else None, timeline [(kind, micro, start_s, end_s)])."""
+    import torch.nn.functional as F
+
+    dist = _dist()
+    rank = dist.get_rank()
+    b, t = input_ids.shape
+    if n_micro < 1 or b % n_micro:
+        raise ValueError(f"n_micro must divide the batch size {b}, got {n_micro}")
+    mb, c = b // n_micro, stage.config.n_embd
+    ins, outs, timeline, loss = [], [], [], None
+    for i in range(n_micro):
+        if stage.first:
+            h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
+        else:
+            h_in = torch.empty(mb, t, c)
+            dist.recv(h_in, rank - 1)
+            h_in.requires_grad_(True)
+        start = time.perf_counter()
+        out = stage(h_in)
+        if stage.last:
+            y = targets[i * mb:(i + 1) * mb]  # (b, T)
+            out = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100) / n_micro
+            loss = out.detach() if loss is None else loss + out.detach()
+        timeline.append(("F", i, start, time.perf_counter()))
+        if not stage.last:
+            dist.send(out.detach(), rank + 1)
+        ins.append(h_in)
+        outs.append(out)
+    for i in range(n_micro):
+        grad = None
+        if not stage.last:
+            grad = torch.empty(mb, t, c)
+            dist.recv(grad, rank + 1)
+        start = time.perf_counter()
+        outs[i].backward(grad)
+        timeline.append(("B", i, start, time.perf_counter()))
+        if not stage.first:
+            dist.send(ins[i].grad, rank - 1)
+    return loss, timeline
+
+
+def bubble_fraction(timeline) -> float:
+    """Idle share of one rank's step: 1 - (busy time) / (first start to last end)."""
+    busy = sum(end - start for _, _, start, end in timeline)
+    span = max(e for *_, e in timeline) - min(s for _, _, s, _ in timeline)
+    return 1.0 - busy / span

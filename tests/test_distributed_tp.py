@@ -62,3 +62,35 @@ def _bad_split_worker(rank, world):
 def test_tensor_parallel_uneven_split_names_argument():
     with pytest.raises(ValueError, match="rank [01]: hidden=5 must be divisible by the world size 2"):
         D.launch(_bad_split_worker, 2, timeout=90.0)
+
+
+def _pp_worker(rank, world):
+    from llmlab.model import LLM, ModelConfig
+    from llmlab.parallel import PipelineStage, bubble_fraction, gpipe_step
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.tiny(vocab_size=64)
+    full = LLM(ModelConfig(**{**cfg.__dict__, "n_layer": 4}))
+    stage_model = copy.deepcopy(full)
+    stage = PipelineStage(stage_model, world, rank)
+    x = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(5))  # (B, T+1)
+    loss, timeline = gpipe_step(stage, x[:, :-1], x[:, 1:], n_micro=4)
+    ref = full(x[:, :-1], x[:, 1:]).loss
+    ref.backward()
+    names = dict(full.named_parameters())
+    grad = 0.0
+    for name, p in stage_model.named_parameters():
+        if p.grad is not None:
+            grad = max(grad, (p.grad - names[name].grad).abs().max().item())
+    n_with_grad = sum(p.grad is not None for p in stage_model.parameters())
+    return {"loss": None if loss is None else abs(loss.item() - ref.item()), "grad": grad,
+            "n_with_grad": n_with_grad, "bubble": bubble_fraction(timeline), "events": len(timeline)}
+
+
+def test_gpipe_equals_unsharded():
+    out = D.launch(_pp_worker, 2, timeout=90.0)
+    assert out[0]["loss"] is None and out[1]["loss"] < 1e-6
+    for o in out:
+        assert o["grad"] < 1e-6 and o["n_with_grad"] > 0 and o["events"] == 8
+        assert 0.0 <= o["bubble"] < 1.0
+    assert out[0]["n_with_grad"] == 1 + 2 * 9 and out[1]["n_with_grad"] == 2 * 9 + 2  # embed / norm, head
