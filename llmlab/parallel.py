@@ -176,11 +176,11 @@ def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Ten
     Returns (loss on the last rank else None, timeline [(kind, micro, start_s, end_s)])."""
     import torch.nn.functional as F
 
-    dist = _dist()
-    rank = dist.get_rank()
     b, t = input_ids.shape
     if n_micro < 1 or b % n_micro:
         raise ValueError(f"n_micro must divide the batch size {b}, got {n_micro}")
+    dist = _dist()
+    rank = dist.get_rank()
     mb, c = b // n_micro, stage.config.n_embd
     ins, outs, timeline, loss = [], [], [], None
     for i in range(n_micro):

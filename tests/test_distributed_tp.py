@@ -94,3 +94,16 @@ def test_gpipe_equals_unsharded():
         assert o["grad"] < 1e-6 and o["n_with_grad"] > 0 and o["events"] == 8
         assert 0.0 <= o["bubble"] < 1.0
     assert out[0]["n_with_grad"] == 1 + 2 * 9 and out[1]["n_with_grad"] == 2 * 9 + 2  # embed / norm, head
+
+
+def test_pipeline_bad_arguments_name_them():
+    from llmlab.model import LLM, ModelConfig
+    from llmlab.parallel import PipelineStage, gpipe_step
+
+    model = LLM(ModelConfig.tiny(vocab_size=64))  # 2 layers
+    with pytest.raises(ValueError, match=r"n_stages must be in \[1, n_layer=2\], got 3"):
+        PipelineStage(model, 3, 0)
+    stage = PipelineStage(model, 1, 0)
+    x = torch.zeros(3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="n_micro must divide the batch size 3, got 2"):
+        gpipe_step(stage, x, x, n_micro=2)
