@@ -13,7 +13,8 @@ What it implements
   ``value_loss`` (clipped, as in the PPO baselines).
 - ``RewardModel``: a scalar head on the final hidden state of ``llmlab.LLM`` at the last real token
   of each sequence (the InstructGPT reward model's shape, on a tiny model).
-- The DPO loss is checked equal to trl's ``DPOTrainer`` loss in the tests when trl is installed.
+- The DPO loss (sigmoid, IPO, hinge) is checked equal to trl's ``DPOTrainer._compute_loss`` on the
+  same log-probs in the tests when trl is installed.
 
 What it leaves out: rollout engines, distributed actors, reward normalization schedules and the
 adaptive KL controller; the notebooks write their small training loops from these pieces.
@@ -187,7 +188,8 @@ def dpo_loss(
 
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) (summed over response tokens).
     - "sigmoid" (DPO, Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h)
-    - "ipo" (Azar et al. 2023, eq. 17): (h - 1 / (2 beta))^2
+    - "ipo" (Azar et al. 2023, eq. 17): (h - 1 / (2 beta))^2; trl's ``DPOTrainer`` feeds it per-token
+      averages of the log-probs instead of sums (pass those to get its numbers)
     - "hinge" (SLiC-style): max(0, 1 - beta * h)
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), the implicit rewards
     beta * (log pi - log ref) detached, like trl's ``DPOTrainer``.

@@ -303,3 +303,70 @@ def test_value_loss_plain_and_clipped():
     torch.testing.assert_close(value_loss(v, old, ret, clip=0.2), want)
     with pytest.raises(ValueError, match="values and old_values and returns must have the same shape"):
         value_loss(v, old[:, :2], ret)
+
+
+# --- DPO against trl's DPOTrainer ------------------------------------------------------------------
+
+
+class _Accelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather(x):
+        return x
+
+    gather_for_metrics = gather
+
+
+class _LogProbModel(torch.nn.Module):
+    """Stands in for trl's fused-LM-head model: returns fixed per-token log-probs (2B, T - 1)."""
+
+    def __init__(self, per_token_logps):
+        super().__init__()
+        self.per_token_logps = per_token_logps
+
+    def forward(self, **_kwargs):
+        from types import SimpleNamespace
+
+        lp = self.per_token_logps
+        return SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp), mean_logits=torch.zeros_like(lp),
+                               is_top1=torch.zeros_like(lp, dtype=torch.bool))
+
+
+def _trl_dpo_loss(per_token_logps, completion_mask, ref_chosen, ref_rejected, beta, loss_type):
+    """trl 1.x ``DPOTrainer._compute_loss`` on given log-probs (precomputed reference log-probs)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    model = _LogProbModel(per_token_logps)
+    trainer = SimpleNamespace(
+        model=model, accelerator=_Accelerator(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta, use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    ids = torch.zeros_like(completion_mask)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask,
+              "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    return loss, trainer._metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_equals_trl_dpo_trainer(loss_type):
+    pytest.importorskip("trl", reason="trl is not installed (pip install 'llmlab[test]')")
+    b, t, beta = 6, 9, 0.3
+    lengths = torch.randint(1, t, (2 * b,), generator=G)  # completion tokens per sequence
+    completion_mask = (torch.arange(t) >= t - lengths[:, None]).long()  # (2B, T): prompt then completion
+    per_token = -torch.rand(2 * b, t - 1, generator=G, dtype=torch.float64) * 3 * completion_mask[:, 1:]
+    ref_chosen, ref_rejected = randn(b) - 5, randn(b) - 5
+    trl_loss, metrics = _trl_dpo_loss(per_token, completion_mask, ref_chosen, ref_rejected, beta, loss_type)
+    logps = per_token.sum(dim=1)  # (2B,) chosen rows first, as trl concatenates them
+    refs = torch.cat([ref_chosen, ref_rejected])  # (2B,)
+    if loss_type == "ipo":  # trl's IPO uses per-token averages (its comment: as the IPO authors ran it)
+        logps, refs = logps / lengths, refs / lengths
+    losses, chosen_r, rejected_r = dpo_loss(logps[:b], logps[b:], refs[:b], refs[b:], beta, loss_type=loss_type)
+    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-12, atol=1e-12)
+    if loss_type != "ipo":  # trl logs the implicit rewards from the summed log-ratios
+        assert metrics["rewards/chosen"][0] == pytest.approx(chosen_r.mean().item(), rel=1e-12)
+        assert metrics["rewards/margins"][0] == pytest.approx((chosen_r - rejected_r).mean().item(), rel=1e-12)
