@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from peft import AdaLoraConfig, get_peft_model
+from peft import AdaLoraConfig
 from torch import nn
 
 from llmlab.adalora import (
@@ -18,8 +18,7 @@ from llmlab.adalora import (
     ranks,
     svd_layers,
 )
-from llmlab.model import LLM, ModelConfig
-from tests.models import tiny_llama
+from tests.models import peft_pair, tiny_llama, tiny_llmlab
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 
@@ -53,14 +52,7 @@ def peft_params(peft_model):
 def pair(cfg, seed=1):
     """llmlab and peft AdaLoRA models on the same tiny Llama with the same random A, E, B."""
     base = tiny_llama()
-    ours = inject_adalora(copy.deepcopy(base), cfg)
-    theirs = get_peft_model(copy.deepcopy(base), peft_config(cfg))
-    g = torch.Generator().manual_seed(seed)
-    ours_params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in peft_params(theirs).items():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            ours_params[name].copy_(p)
+    ours, theirs = peft_pair(base, lambda m: inject_adalora(m, cfg), peft_config(cfg), seed=seed)
     return base, ours, theirs
 
 
@@ -149,8 +141,7 @@ def test_zero_singular_values_at_init_change_nothing():
 
 
 def test_llmlab_model_takes_adalora():
-    torch.manual_seed(0)
-    base = LLM(ModelConfig.tiny(vocab_size=64)).eval()
+    base = tiny_llmlab()
     model = inject_adalora(copy.deepcopy(base), AdaLoRAConfig.tiny())
     assert len(svd_layers(model)) == 4
     with torch.no_grad():
@@ -233,17 +224,10 @@ def test_bad_input_raises_a_clear_error(call, error, match):
 def test_llmlab_model_adalora_equals_peft_on_the_converted_model():
     from llmlab.interop import to_hf
 
-    torch.manual_seed(0)
-    base = LLM(ModelConfig.tiny(vocab_size=64)).eval()
+    base = tiny_llmlab()
     cfg = AdaLoRAConfig.tiny()
-    ours = inject_adalora(copy.deepcopy(base), cfg)
-    theirs = get_peft_model(to_hf(base), peft_config(cfg))
-    ours_params = dict(ours.named_parameters())
-    g = torch.Generator().manual_seed(3)
+    ours, theirs = peft_pair(base, lambda m: inject_adalora(m, cfg), peft_config(cfg), hf_base=to_hf(base), seed=3)
     with torch.no_grad():
-        for name, p in peft_params(theirs).items():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            ours_params[name].copy_(p)
         torch.testing.assert_close(ours(IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
 
 

@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 from peft import AdaptionPromptConfig as PeftAdaptionPromptConfig
-from peft import get_peft_model
 from torch import nn
 
 from llmlab.adapters import (
@@ -21,10 +20,18 @@ from llmlab.adapters import (
     inject_adapters,
     inject_adaption_prompts,
 )
-from tests.models import tiny_llama, tiny_llmlab
+from tests.models import peft_pair, tiny_llama, tiny_llmlab, train_steps
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
 MAKERS = pytest.mark.parametrize("make", [tiny_llama, tiny_llmlab], ids=["transformers", "llmlab"])
+
+
+def adaption_name(name):
+    """peft's ``...layers.{i}.self_attn.adaption_prompt`` (or ``adaption_gate``) under llmlab's name."""
+    if "adaption_" not in name:
+        return None
+    layer = re.search(r"layers\.(\d+)\.", name).group(1)
+    return f"model.layers.{layer}.self_attn.{name.rsplit('.', 1)[-1]}"
 
 
 def set_gates(model, value):
@@ -41,17 +48,16 @@ def set_gates(model, value):
 def test_adaption_prompts_give_peft_logits(layers):
     base = tiny_llama()
     peft_cfg = PeftAdaptionPromptConfig(adapter_len=4, adapter_layers=layers, task_type="CAUSAL_LM")
-    theirs = get_peft_model(copy.deepcopy(base), peft_cfg).eval()
-    ours = inject_adaption_prompts(copy.deepcopy(base), AdaptionPromptConfig(adapter_len=4, adapter_layers=layers))
-    g = torch.Generator().manual_seed(1)
-    theirs_params = {n: p for n, p in theirs.named_parameters() if "adaption_" in n}
-    assert len(theirs_params) == 2 * layers
-    ours_params = dict(ours.named_parameters())
+    ours, theirs = peft_pair(
+        base,
+        lambda m: inject_adaption_prompts(m, AdaptionPromptConfig(adapter_len=4, adapter_layers=layers)),
+        peft_cfg,
+        rename=adaption_name,
+        scale=lambda name: 0.5 if name.endswith("gate") else 1.0,
+    )
+    theirs.eval()
+    assert len([n for n, p in theirs.named_parameters() if "adaption_" in n]) == 2 * layers
     with torch.no_grad():
-        for name, p in theirs_params.items():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("gate") else 1.0))
-            layer = re.search(r"layers\.(\d+)\.", name).group(1)
-            ours_params[f"model.layers.{layer}.self_attn.{name.rsplit('.', 1)[-1]}"].copy_(p)
         expected = theirs(input_ids=IDS).logits
         assert not torch.allclose(expected, base(IDS).logits, atol=1e-3)
         torch.testing.assert_close(ours(IDS).logits, expected, rtol=1e-5, atol=1e-5)
@@ -143,14 +149,7 @@ def test_bottleneck_adapter_is_a_residual_mlp():
 
 def test_adapter_training_lowers_the_loss():
     model = inject_adapters(tiny_llama(), BottleneckConfig.houlsby(8))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, [IDS] * 5, lr=1e-2, optimizer=torch.optim.Adam)
     assert losses[-1] < losses[0]
 
 
@@ -183,14 +182,15 @@ def test_llmlab_adaption_prompts_equal_peft_on_the_converted_model():
 
     base = tiny_llmlab()
     peft_cfg = PeftAdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM")
-    theirs = get_peft_model(to_hf(base), peft_cfg).eval()
-    ours = inject_adaption_prompts(base, AdaptionPromptConfig(adapter_len=4, adapter_layers=2))
-    ours_params = dict(ours.named_parameters())
-    g = torch.Generator().manual_seed(2)
+    ours, theirs = peft_pair(
+        base,
+        lambda m: inject_adaption_prompts(m, AdaptionPromptConfig(adapter_len=4, adapter_layers=2)),
+        peft_cfg,
+        hf_base=to_hf(base),
+        rename=adaption_name,
+        scale=1.0,
+        seed=2,
+    )
+    theirs.eval()
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "adaption_" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-                layer = re.search(r"layers\.(\d+)\.", name).group(1)
-                ours_params[f"model.layers.{layer}.self_attn.{name.rsplit('.', 1)[-1]}"].copy_(p)
         torch.testing.assert_close(ours(IDS).logits, theirs(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)

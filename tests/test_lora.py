@@ -27,7 +27,7 @@ from llmlab.lora import (
     to_peft_keys,
     unmerge_lora,
 )
-from tests.models import tiny_llama
+from tests.models import llmlab_loss, tiny_llama, tiny_llmlab, train_steps
 
 
 def peft_config(cfg: LoRAConfig) -> LoraConfig:
@@ -155,13 +155,7 @@ def test_saved_file_holds_only_adapter_weights(tmp_path):
 
 
 def sgd_steps(model, batches):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model.train()
-    for ids in batches:
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model.train(), batches, lr=0.5, optimizer=torch.optim.SGD)
     return model.eval()
 
 
@@ -265,13 +259,6 @@ def test_bad_input_raises_a_clear_error(call, error, match):
 # --- llmlab's own model --------------------------------------------------------------------------
 
 
-def tiny_llmlab(seed=0):
-    from llmlab.model import LLM, ModelConfig
-
-    torch.manual_seed(seed)
-    return LLM(ModelConfig.tiny(vocab_size=64)).eval()
-
-
 def test_llmlab_adapter_equals_peft_on_the_converted_transformers_model(tmp_path):
     from llmlab.interop import to_hf
 
@@ -294,12 +281,7 @@ def test_llmlab_model_b_zero_merge_and_training():
     model = inject_lora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=0)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    for _ in range(2):
-        loss = model(IDS[:, :-1], targets=IDS[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, [IDS] * 2, lr=1.0, optimizer=torch.optim.SGD, loss_fn=llmlab_loss)
     model.eval()
     with torch.no_grad():
         before = model(IDS).logits

@@ -30,13 +30,9 @@ from llmlab.model import LLM, ModelConfig
 from llmlab.param_count import Architecture
 from llmlab.precision import MasterWeightOptimizer
 from llmlab.train import accumulate_gradients
+from tests.models import tiny_llmlab
 
 V = 40
-
-
-def _model(**changes) -> LLM:
-    torch.manual_seed(0)
-    return LLM(replace(ModelConfig.tiny(vocab_size=V), **changes))
 
 
 def _batch(b: int = 4, t: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +50,7 @@ def _loss_and_grads(model: LLM, x, y, seed: int = 0) -> tuple[torch.Tensor, dict
 
 @pytest.mark.parametrize("changes", [{}, {"dropout": 0.1}, {"position": "learned", "norm": "layernorm", "ffn": "gelu"}])
 def test_checkpointing_gives_the_same_loss_and_gradients(changes):
-    model = _model(**changes).train()
+    model = tiny_llmlab(vocab_size=V, training=True, **changes)
     x, y = _batch()
     loss, grads = _loss_and_grads(model, x, y)
     enable_activation_checkpointing(model)
@@ -81,7 +77,7 @@ def _count_mlp_calls(model: LLM, fn) -> int:
 
 
 def test_checkpointing_reruns_each_layer_forward_in_backward_only_when_training():
-    model = enable_activation_checkpointing(_model()).train()
+    model = enable_activation_checkpointing(tiny_llmlab(vocab_size=V, training=True))
     x, y = _batch()
     n = model.config.n_layer
     assert _count_mlp_calls(model, lambda: model(x, targets=y).loss.backward()) == 2 * n  # forward + recompute
@@ -92,7 +88,9 @@ def test_checkpointing_reruns_each_layer_forward_in_backward_only_when_training(
 
 
 def test_checkpointing_lowers_peak_memory():
-    model = _model(n_layer=4, block_size=64, n_embd=64, n_head=4, n_kv_head=4, ffn_hidden=128).train()
+    model = tiny_llmlab(
+        vocab_size=V, training=True, n_layer=4, block_size=64, n_embd=64, n_head=4, n_kv_head=4, ffn_hidden=128
+    )
     x, y = _batch(b=16, t=64)
 
     def step():
@@ -107,13 +105,14 @@ def test_checkpointing_lowers_peak_memory():
 
 
 def test_disable_restores_the_plain_layers_and_outputs_are_unchanged():
-    model = _model()
+    model = tiny_llmlab(vocab_size=V, training=True)
     x, _ = _batch()
     before = model(x).logits
     enable_activation_checkpointing(model)
     assert is_activation_checkpointing(model)
     torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
-    assert set(model.state_dict()) == set(_model().state_dict())  # parameter names are untouched
+    untouched = tiny_llmlab(vocab_size=V, training=True)
+    assert set(model.state_dict()) == set(untouched.state_dict())  # parameter names are untouched
     disable_activation_checkpointing(model)
     assert not is_activation_checkpointing(model)
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
@@ -125,7 +124,7 @@ def test_checkpointing_needs_an_llmlab_model():
 
 
 def test_micro_batches_accumulate_to_the_gradient_of_the_whole_batch():
-    model = _model()
+    model = tiny_llmlab(vocab_size=V, training=True)
     x, y = _batch(b=8)
     _, grads = _loss_and_grads(model, x, y)
     for k in (2, 4, 8):

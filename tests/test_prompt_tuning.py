@@ -3,11 +3,10 @@ transformers Llama: same virtual-token weights -> same logits and loss) and agai
 prefixes are key/value caches of virtual tokens, soft prompts made of vocabulary rows are hard
 prompts, collapsing the reparameterization changes nothing, the base model stays frozen."""
 
-import copy
 
 import pytest
 import torch
-from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 from llmlab.model import LLM
 from llmlab.prompt_tuning import (
@@ -21,7 +20,7 @@ from llmlab.prompt_tuning import (
     input_embedding,
     trainable_parameters,
 )
-from tests.models import tiny_llama, tiny_llmlab
+from tests.models import peft_pair, tiny_llama, tiny_llmlab, train_steps
 
 N = 4  # virtual tokens
 
@@ -59,11 +58,9 @@ PEFT_PROMPT_CASES = [
 
 @pytest.mark.parametrize("ours_cfg,peft_cfg", PEFT_PROMPT_CASES, ids=["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm"])
 def test_virtual_tokens_give_peft_logits_and_loss(ours_cfg, peft_cfg):
-    base = tiny_llama()
-    theirs = get_peft_model(copy.deepcopy(base), peft_cfg).eval()
-    ours = SoftPromptModel(copy.deepcopy(base), ours_cfg).eval()
-    randomize(theirs.prompt_encoder["default"])
-    ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    ours, theirs = peft_pair(tiny_llama(), lambda m: SoftPromptModel(m, ours_cfg), peft_cfg, seed=3)
+    ours.eval()
+    theirs.eval()
     with torch.no_grad():
         out_t = theirs(input_ids=IDS, attention_mask=MASK, labels=IDS)
         out_o = ours(IDS, attention_mask=MASK, labels=IDS)
@@ -75,12 +72,11 @@ def test_virtual_tokens_give_peft_logits_and_loss(ours_cfg, peft_cfg):
 
 @pytest.mark.parametrize("projection", [True, False], ids=["prefix_tuning", "p_tuning_v2"])
 def test_prefixes_give_peft_logits(projection):
-    base = tiny_llama()
     peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection)
-    theirs = get_peft_model(copy.deepcopy(base), peft_cfg).eval()
-    ours = PrefixModel(copy.deepcopy(base), PrefixConfig(num_virtual_tokens=N, projection=projection)).eval()
-    randomize(theirs.prompt_encoder["default"])
-    ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    ours_cfg = PrefixConfig(num_virtual_tokens=N, projection=projection)
+    ours, theirs = peft_pair(tiny_llama(), lambda m: PrefixModel(m, ours_cfg), peft_cfg, seed=3)
+    ours.eval()
+    theirs.eval()
     with torch.no_grad():
         out_t = theirs(input_ids=IDS, attention_mask=MASK, labels=IDS)
         out_o = ours(IDS, attention_mask=MASK, labels=IDS)
@@ -166,14 +162,7 @@ def test_prompt_tuning_trains_only_the_prompt_and_lowers_the_loss():
     base = tiny_llama()
     model = SoftPromptModel(base, PromptConfig.prompt_tuning(N))
     assert trainable_parameters(model) == N * 32
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    losses = []
-    for _ in range(5):
-        loss = model(IDS, labels=IDS).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, [IDS] * 5, lr=0.1, optimizer=torch.optim.Adam)
     assert losses[-1] < losses[0]
     assert all(p.grad is None for p in base.parameters())
 
@@ -223,10 +212,10 @@ def test_llmlab_kv_cache_prefix_equals_peft_on_the_converted_model(projection):
 
     base = tiny_llmlab()
     peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection)
-    theirs = get_peft_model(to_hf(base), peft_cfg).eval()
-    ours = PrefixModel(base, PrefixConfig(num_virtual_tokens=N, projection=projection)).eval()
-    randomize(theirs.prompt_encoder["default"])
-    ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    ours_cfg = PrefixConfig(num_virtual_tokens=N, projection=projection)
+    ours, theirs = peft_pair(base, lambda m: PrefixModel(m, ours_cfg), peft_cfg, hf_base=to_hf(base), seed=3)
+    ours.eval()
+    theirs.eval()
     with torch.no_grad():
         expected = theirs(input_ids=IDS, attention_mask=FULL).logits
         torch.testing.assert_close(ours(IDS, attention_mask=FULL).logits, expected, rtol=1e-5, atol=1e-5)
@@ -236,10 +225,10 @@ def test_llmlab_soft_prompt_equals_peft_on_the_converted_model():
     from llmlab.interop import to_hf
 
     base = tiny_llmlab()
-    theirs = get_peft_model(to_hf(base), PEFT_PROMPT_CASES[1][1]).eval()
-    ours = SoftPromptModel(base, PEFT_PROMPT_CASES[1][0]).eval()
-    randomize(theirs.prompt_encoder["default"])
-    ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    ours_cfg, peft_cfg = PEFT_PROMPT_CASES[1]
+    ours, theirs = peft_pair(base, lambda m: SoftPromptModel(m, ours_cfg), peft_cfg, hf_base=to_hf(base), seed=3)
+    ours.eval()
+    theirs.eval()
     with torch.no_grad():
         expected = theirs(input_ids=IDS, attention_mask=FULL).logits
         torch.testing.assert_close(ours(IDS, attention_mask=FULL).logits, expected, rtol=1e-5, atol=1e-5)

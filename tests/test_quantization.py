@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.lora import LoRAConfig, LoRALinear, count_trainable_parameters, lora_layers
 from llmlab.quantization import (
@@ -30,20 +29,9 @@ from llmlab.quantization import (
     zeropoint_dequantize,
     zeropoint_quantize,
 )
+from tests.models import tiny_llama, train_steps
 
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+WIDE = {"hidden_size": 64, "intermediate_size": 128}  # wider than the shared tiny Llama: rows of a whole NF4 block
 
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -170,7 +158,7 @@ def test_dequantize_and_merge_equals_the_qlora_layer():
 
 
 def test_prepare_qlora_on_llama_equals_a_model_with_dequantized_weights():
-    base = tiny_llama()
+    base = tiny_llama(**WIDE)
     model = prepare_qlora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
     assert all(isinstance(m.base_layer, NF4Linear) for m in lora_layers(model).values())
     assert all(isinstance(m, LoRALinear) for m in lora_layers(model).values())
@@ -186,16 +174,8 @@ def test_prepare_qlora_on_llama_equals_a_model_with_dequantized_weights():
 
 
 def test_qlora_training_step_lowers_the_loss():
-    model = prepare_qlora(tiny_llama(), LoRAConfig.all_linear(r=4, alpha=8.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = IDS[:1]
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    model = prepare_qlora(tiny_llama(**WIDE), LoRAConfig.all_linear(r=4, alpha=8.0))
+    losses = train_steps(model, [IDS[:1]] * 5, lr=1e-2)
     assert losses[-1] < losses[0]
 
 
@@ -229,7 +209,7 @@ def test_zeropoint_uses_the_full_range_on_positive_data():
         (lambda: NF4Config(block_size=0), ValueError, "block_size must be an integer >= 2"),
         (lambda: pack_4bit(torch.zeros(3, dtype=torch.uint8)), ValueError, "even length"),
         (lambda: NF4Linear.from_linear(nn.Conv1d(2, 2, 1)), TypeError, "linear must be an nn.Linear"),
-        (lambda: prepare_qlora(tiny_llama(), LoRAConfig(target_modules=("qkv",))), ValueError, "matched no"),
+        (lambda: prepare_qlora(tiny_llama(**WIDE), LoRAConfig(target_modules=("qkv",))), ValueError, "matched no"),
         (lambda: absmax_quantize(torch.randn(4), bits=16), ValueError, "bits must be <= 8"),
     ],
 )
@@ -255,7 +235,7 @@ def test_qlora_adapter_saves_and_resumes_on_a_requantized_model(tmp_path):
     from llmlab.lora import load_adapter, lora_state_dict, save_adapter
 
     cfg = LoRAConfig.tiny()
-    base = tiny_llama()
+    base = tiny_llama(**WIDE)
     model = prepare_qlora(copy.deepcopy(base), cfg)
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -306,7 +286,7 @@ def _trained_looking_qlora(nf4=None, std=0.05, seed=0):
 
 
 def test_merge_qlora_in_full_precision_equals_the_unmerged_model():
-    base = tiny_llama()
+    base = tiny_llama(**WIDE)
     model = prepare_qlora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -340,7 +320,7 @@ def test_requantizing_a_zero_adapter_merge_is_lossless_without_double_quant():
 
 
 def test_merge_qlora_requantize_keeps_4_bit_storage_and_a_small_update_rounds_away():
-    base = tiny_llama()
+    base = tiny_llama(**WIDE)
     model = prepare_qlora(copy.deepcopy(base), LoRAConfig.all_linear(r=4))
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -360,7 +340,7 @@ def test_merge_qlora_requantize_keeps_4_bit_storage_and_a_small_update_rounds_aw
 
 def test_merge_qlora_needs_qlora_layers():
     with pytest.raises(ValueError, match="no QLoRALinear layers"):
-        merge_qlora(tiny_llama())
+        merge_qlora(tiny_llama(**WIDE))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         merge_qlora("model")
 

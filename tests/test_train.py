@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from llmlab.checkpoint import load_checkpoint, read_config
 from llmlab.data import generate_corpus, train_val_split
-from llmlab.model import LLM, ModelConfig
 from llmlab.optim import Muon
 from llmlab.tokenizer import CharTokenizer
 from llmlab.train import (
@@ -25,6 +24,7 @@ from llmlab.train import (
     param_groups,
     train,
 )
+from tests.models import tiny_llmlab
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,6 @@ def ids():
     text = generate_corpus(30_000)
     tok = CharTokenizer.from_text(text)
     return tok.vocab_size, train_val_split(tok.encode(text))
-
-
-def tiny_model(vocab_size, **changes):
-    torch.manual_seed(0)
-    return LLM(dataclasses.replace(ModelConfig.tiny(vocab_size), **changes))
 
 
 # --- schedule ---------------------------------------------------------------------------------
@@ -83,7 +78,9 @@ def test_train_config_validation():
 
 
 def test_no_decay_on_norms_biases_and_embeddings():
-    model = tiny_model(20, position="learned", norm="layernorm", ffn="gelu", bias=True, tie_embeddings=True)
+    model = tiny_llmlab(
+        vocab_size=20, training=True, position="learned", norm="layernorm", ffn="gelu", bias=True, tie_embeddings=True
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -98,7 +95,7 @@ def test_no_decay_on_norms_biases_and_embeddings():
 
 def test_muon_option_puts_block_matrices_under_muon_at_their_own_scheduled_lr(ids):
     vocab, (train_ids, val_ids) = ids
-    model = tiny_model(vocab)
+    model = tiny_llmlab(vocab_size=vocab, training=True)
     cfg = dataclasses.replace(TrainConfig.tiny(), optimizer="muon", lr=2e-3, min_lr=2e-4, muon_lr=1e-2, max_iters=4)
     trainer = Trainer(model, train_ids, val_ids, cfg)
     assert isinstance(trainer.optimizer, Muon)
@@ -111,7 +108,7 @@ def test_muon_option_puts_block_matrices_under_muon_at_their_own_scheduled_lr(id
     while not trainer.done:
         trainer.step()
     assert trainer.history.step_loss[-1] < trainer.history.step_loss[0]
-    plain = Trainer(tiny_model(vocab), train_ids, val_ids, TrainConfig.tiny())
+    plain = Trainer(tiny_llmlab(vocab_size=vocab, training=True), train_ids, val_ids, TrainConfig.tiny())
     assert isinstance(plain.optimizer, torch.optim.AdamW)
 
 
@@ -124,7 +121,7 @@ def test_accumulation_equals_one_large_batch(ids):
     starts = torch.randint(len(train_ids) - 33, (8,), generator=gen)
     x = torch.stack([train_ids[s : s + 32] for s in starts])  # (B, T)
     y = torch.stack([train_ids[s + 1 : s + 33] for s in starts])  # (B, T)
-    big, small = tiny_model(vocab), tiny_model(vocab)
+    big, small = (tiny_llmlab(vocab_size=vocab, training=True) for _ in range(2))
     loss_big = accumulate_gradients(big, [(x, y)])
     loss_small = accumulate_gradients(small, [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
     assert loss_small == pytest.approx(loss_big, rel=1e-5)
@@ -137,7 +134,7 @@ def test_accumulation_equals_one_large_batch(ids):
 
 def test_heldout_loss_is_the_mean_over_non_overlapping_windows(ids):
     vocab, (_, val_ids) = ids
-    model = tiny_model(vocab).eval()
+    model = tiny_llmlab(vocab_size=vocab)
     x = val_ids[: 5 * 16].view(5, 16)
     y = val_ids[1 : 5 * 16 + 1].view(5, 16)
     with torch.no_grad():
@@ -154,7 +151,7 @@ def test_heldout_loss_is_the_mean_over_non_overlapping_windows(ids):
 def test_train_lowers_the_loss_and_records_history(ids):
     vocab, (train_ids, val_ids) = ids
     cfg = dataclasses.replace(TrainConfig.tiny(), max_iters=20, eval_interval=10, grad_accum_steps=2)
-    history = train(tiny_model(vocab), train_ids, val_ids, cfg)
+    history = train(tiny_llmlab(vocab_size=vocab, training=True), train_ids, val_ids, cfg)
     assert history.steps == 20 and len(history.step_loss) == 20
     assert history.iters == [10, 20]
     assert len(history.train_loss) == len(history.val_loss) == len(history.lr) == len(history.elapsed) == 2
@@ -165,15 +162,15 @@ def test_train_lowers_the_loss_and_records_history(ids):
 def test_training_is_reproducible(ids):
     vocab, (train_ids, val_ids) = ids
     cfg = dataclasses.replace(TrainConfig.tiny(), max_iters=4, eval_interval=100)
-    first = train(tiny_model(vocab), train_ids, val_ids, cfg)
-    again = train(tiny_model(vocab), train_ids, val_ids, cfg)
+    first = train(tiny_llmlab(vocab_size=vocab, training=True), train_ids, val_ids, cfg)
+    again = train(tiny_llmlab(vocab_size=vocab, training=True), train_ids, val_ids, cfg)
     assert again.step_loss == pytest.approx(first.step_loss, rel=1e-5)  # seeded: same run twice
 
 
 def test_time_budget_stops_training(ids):
     vocab, (train_ids, val_ids) = ids
     cfg = dataclasses.replace(TrainConfig.tiny(), max_iters=10_000, max_seconds=0.5, eval_interval=10_000)
-    history = train(tiny_model(vocab), train_ids, val_ids, cfg)
+    history = train(tiny_llmlab(vocab_size=vocab, training=True), train_ids, val_ids, cfg)
     assert 0 < history.steps < 10_000
     assert history.seconds < 30.0
 
