@@ -17,8 +17,11 @@ What it implements
 - ``ShardedOptimizer``: ZeRO stage 1 (Rajbhandari et al. 2020) with the interface of
   ``torch.distributed.optim.ZeroRedundancyOptimizer``: each rank keeps optimizer state only for
   its size-balanced shard of the parameters, steps it and broadcasts the updated shard.
-- ``zero_bytes_per_rank`` (ZeRO's formula) and ``tensor_bytes``/``optimizer_state_bytes``
-  (measured bytes).
+- ``ZeroMixedPrecision``: ZeRO stages 0-3 from scratch for mixed-precision AdamW (16-bit
+  parameters and gradients, fp32 master weights and moments) on flat buffers, with the bytes each
+  rank holds; ``OffloadOptimizer``: ZeRO-Offload's step (Ren et al. 2021) with bytes per place.
+- ``zero_bytes_per_rank`` (ZeRO's formula), ``tensor_bytes``/``optimizer_state_bytes`` (measured
+  bytes) and ``CommunicationCounter`` (bytes handed to each torch.distributed call).
 
 What it leaves out: NCCL-specific features (streams, communication hooks, gradient compression),
 ``find_unused_parameters``-style graph traversal (unused parameters are reduced as zeros at
@@ -29,6 +32,7 @@ Reference implementations: ``torch/nn/parallel/distributed.py``,
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import queue as queue_module
@@ -43,8 +47,13 @@ from torch import nn
 from llmlab.shapes import check_int
 
 __all__ = [
+    "CommunicationCounter",
     "DataParallel",
+    "OffloadOptimizer",
+    "adamw_update_",
+    "single_process_group",
     "ShardedOptimizer",
+    "ZeroMixedPrecision",
     "free_port",
     "launch",
     "optimizer_state_bytes",
@@ -70,6 +79,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class single_process_group:
+    """Context manager: a gloo process group of world size 1 in this process (no spawn), for
+    running a ``launch`` worker function as rank 0 of 1, e.g. ``fn(0, 1)``, from a notebook."""
+
+    def __enter__(self) -> single_process_group:
+        dist = _dist()
+        if dist.is_initialized():
+            raise RuntimeError("a process group is already initialized in this process")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _dist().destroy_process_group()
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
@@ -104,7 +129,8 @@ def _with_rank(exc: BaseException, rank: int, trace: str) -> BaseException:
 
 
 def _stop(procs) -> None:
-    """Terminate, then kill, every process still alive; join them all."""
+    """Terminate, then kill, every process still alive; join them all (skip ones never started)."""
+    procs = [p for p in procs if p.pid is not None]
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -476,3 +502,337 @@ def zero_bytes_per_rank(
     }
     out["total"] = out["params"] + out["grads"] + out["optimizer"]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO stages 0-3 in mixed precision, from scratch on flat buffers
+
+
+@torch.no_grad()
+def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                  exp_avg_sq: torch.Tensor, step: int, lr: float = 1e-3, betas=(0.9, 0.999),
+                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """One AdamW update in place (Loshchilov and Hutter 2019), elementwise, as in
+    ``torch.optim.AdamW`` (single-tensor path); ``step`` counts from 1. All tensors same shape.
+
+    Elementwise, so updating a slice gives the same numbers as updating the whole and slicing:
+    that is what lets ZeRO shard the optimizer without changing the result.
+    """
+    beta1, beta2 = betas
+    param.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    exp_avg.lerp_(grad, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+class ZeroMixedPrecision(nn.Module):
+    """Data-parallel mixed-precision AdamW with ZeRO ``stage`` 0, 1, 2 or 3 (Rajbhandari et al. 2020).
+
+    The model runs in 16 bits (``param_dtype``, bf16 by default); the fp32 master weights and
+    AdamW's two moments live in one flat fp32 buffer each. The trainable parameters are laid end to
+    end in a flat index space of Psi elements, padded to a multiple of N; rank r owns the slice
+    [r S, (r + 1) S) with S = padded Psi / N. Per rank, in the paper's accounting:
+
+    - stage 0 (plain data parallel): 2 Psi 16-bit params + 2 Psi 16-bit grads + 12 Psi fp32 state;
+      gradients all-reduced.
+    - stage 1: the fp32 master, m and v only for the owned slice (12 Psi / N); gradients
+      all-reduced; after the step the updated 16-bit slices are all-gathered.
+    - stage 2: also the gradients: as soon as backward produces a parameter's gradient, each piece
+      of it is summed onto the rank owning that piece (``dist.reduce``: a reduce-scatter done one
+      parameter at a time) and every rank frees the full gradient, so a rank keeps 2 Psi / N.
+    - stage 3: also the 16-bit parameters: a rank stores only its slice (2 Psi / N); ``forward``
+      all-gathers the full parameters and ``step`` frees them again.
+
+    ``group``: a process group (``dist.new_group``) to shard over instead of the whole world.
+
+    Simplification: stage 3 gathers the whole model for a step; DeepSpeed and FSDP gather one
+    unit (layer) at a time, so their transient working set is smaller. Gradients are summed in
+    fp32 and rounded to 16 bits once, and the update (``adamw_update_``, AdamW from scratch) is
+    elementwise, so every stage computes the same updates as stage 0. Call
+    ``finish_gradient_synchronization()`` after ``backward()``, then ``step()`` and ``zero_grad()``.
+    """
+
+    def __init__(self, module: nn.Module, stage: int, lr: float = 1e-3, betas=(0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0,
+                 param_dtype: torch.dtype = torch.bfloat16, group=None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        self.stage = check_int("stage", stage, minimum=0)
+        if self.stage > 3:
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage}")
+        dist = _dist()
+        self.group = group
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.module = module.to(param_dtype)
+        _broadcast_flat(list(module.parameters()) + list(module.buffers()), self._global(0), group)
+        self._params = [p for p in module.parameters() if p.requires_grad]  # tied: listed once
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._shapes = [p.shape for p in self._params]
+        self._offsets, total = [], 0
+        for p in self._params:
+            self._offsets.append(total)
+            total += p.numel()
+        self.num_params = total
+        n = self.world_size
+        self.shard_size = -(-total // n)  # S = ceil(Psi / N)
+        lo = self.rank * self.shard_size if self.stage >= 1 else 0
+        size = self.shard_size if self.stage >= 1 else total
+        self._lo, self._hi = lo, lo + size  # the flat slice this rank's optimizer state covers
+        flat = self._flat_params()  # (N S,) fp32 copy of the 16-bit weights
+        self.master = flat[lo:lo + size].clone()  # (S,) or (Psi,) fp32 master weights
+        self.exp_avg = torch.zeros_like(self.master)  # AdamW m, same slice
+        self.exp_avg_sq = torch.zeros_like(self.master)  # AdamW v, same slice
+        self.hparams = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.steps = 0
+        self.param_dtype = param_dtype
+        self.grad_shard = None  # stages 2-3: (S,) 16-bit reduced gradients of the owned slice
+        self.param_shard = None  # stage 3: (S,) 16-bit parameters of the owned slice
+        if self.stage >= 3:
+            self.param_shard = flat[lo:lo + size].to(param_dtype)
+            self._release()
+        self._hooks = []
+        if self.stage >= 2:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._reduce_to_owners)
+                           for p in self._params]
+
+    def _global(self, rank: int) -> int:
+        """The global rank of ``rank`` in this engine's group."""
+        return rank if self.group is None else _dist().get_global_rank(self.group, rank)
+
+    def _flat_params(self) -> torch.Tensor:
+        """All trainable parameters in fp32, end to end, zero-padded to N S elements."""
+        flat = torch.zeros(self.shard_size * self.world_size)  # (N S,)
+        for p, off in zip(self._params, self._offsets, strict=True):
+            flat[off:off + p.numel()] = p.detach().reshape(-1).float()
+        return flat
+
+    def _release(self) -> None:
+        """Stage 3: drop the full 16-bit parameters (each becomes an empty tensor)."""
+        for p in self._params:
+            p.data = torch.empty(0, dtype=self.param_dtype)
+
+    def _gather(self) -> None:
+        """Stage 3: all-gather every rank's 16-bit slice and point the parameters into it."""
+        if self._params[0].numel() > 0:
+            return
+        parts = [torch.empty_like(self.param_shard) for _ in range(self.world_size)]
+        _dist().all_gather(parts, self.param_shard, group=self.group)
+        full = torch.cat(parts)  # (N S,) 16-bit, transient
+        for p, off, shape in zip(self._params, self._offsets, self._shapes, strict=True):
+            p.data = full[off:off + shape.numel()].view(shape)
+
+    def forward(self, *args, **kwargs):
+        if self.stage >= 3:
+            self._gather()
+        return self.module(*args, **kwargs)
+
+    def _pieces(self, off: int, numel: int):
+        """(owner rank, start, stop) of the pieces of flat range [off, off + numel) by owner."""
+        s = self.shard_size
+        start = off
+        while start < off + numel:
+            owner = start // s
+            stop = min(off + numel, (owner + 1) * s)
+            yield owner, start, stop
+            start = stop
+
+    def _reduce_to_owners(self, p: torch.Tensor) -> None:
+        """Stages 2-3 hook: sum each piece of p's gradient onto its owner, then free the gradient."""
+        off, g = self._offsets[self._index[id(p)]], p.grad.reshape(-1).float()  # (numel,) fp32 for an exact sum
+        if self.grad_shard is None:
+            self.grad_shard = torch.zeros(self.shard_size, dtype=self.param_dtype)  # (S,)
+        for owner, start, stop in self._pieces(off, p.numel()):
+            piece = g[start - off:stop - off].clone()
+            _dist().reduce(piece, dst=self._global(owner), group=self.group)
+            if owner == self.rank:
+                lo = start - self._lo
+                self.grad_shard[lo:lo + stop - start] += (piece / self.world_size).to(self.param_dtype)
+        p.grad = None  # this rank keeps only the gradients of its own slice
+
+    def finish_gradient_synchronization(self) -> None:
+        """Stages 0-1: all-reduce (average) every gradient. Stages 2-3: the hooks did the work."""
+        if self.stage >= 2:
+            return
+        flat = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1).float()
+                          for p in self._params])  # (Psi,) fp32, so the sum is exact
+        _dist().all_reduce(flat, group=self.group)  # one call for all gradients
+        for p, off in zip(self._params, self._offsets, strict=True):
+            p.grad = (flat[off:off + p.numel()] / self.world_size).to(self.param_dtype).view_as(p)
+
+    def _flat_grad_slice(self) -> torch.Tensor:
+        """fp32 gradient of this rank's optimizer slice, (S,) or (Psi,)."""
+        if self.stage >= 2:
+            if self.grad_shard is None:
+                return torch.zeros(self._hi - self._lo)
+            return self.grad_shard.float()
+        flat = torch.zeros(self.shard_size * self.world_size)  # (N S,)
+        for p, off in zip(self._params, self._offsets, strict=True):
+            if p.grad is not None:
+                flat[off:off + p.numel()] = p.grad.reshape(-1).float()
+        return flat[self._lo:self._hi]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """AdamW on the fp32 master slice, then the 16-bit weights from it (gathered in stage 1-2)."""
+        self.steps += 1
+        adamw_update_(self.master, self._flat_grad_slice(), self.exp_avg, self.exp_avg_sq,
+                      self.steps, **self.hparams)
+        new16 = self.master.detach().to(self.param_dtype)  # (S,) or (Psi,)
+        if self.stage >= 3:
+            self.param_shard.copy_(new16)
+            self._release()
+            return
+        if self.stage >= 1:
+            parts = [torch.empty_like(new16) for _ in range(self.world_size)]
+            _dist().all_gather(parts, new16, group=self.group)
+            new16 = torch.cat(parts)  # (N S,)
+        for p, off in zip(self._params, self._offsets, strict=True):
+            p.copy_(new16[off:off + p.numel()].view_as(p))
+
+    def zero_grad(self) -> None:
+        for p in self._params:
+            p.grad = None
+        if self.grad_shard is not None:
+            self.grad_shard.zero_()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds now: 16-bit params, 16-bit grads, fp32 master + AdamW m and v."""
+        params = tensor_bytes([p for p in self._params if p.numel() > 0])
+        if self.param_shard is not None:
+            params += tensor_bytes([self.param_shard])
+        grads = tensor_bytes([p.grad for p in self._params])
+        if self.grad_shard is not None:
+            grads += tensor_bytes([self.grad_shard])
+        optim = tensor_bytes([self.master, self.exp_avg, self.exp_avg_sq])
+        return {"params": params, "grads": grads, "optimizer": optim,
+                "total": params + grads + optim}
+
+    def full_parameters(self) -> list[torch.Tensor]:
+        """Every trainable parameter in full, 16-bit (a collective in stage 3: call on all ranks)."""
+        if self.stage >= 3:
+            self._gather()
+            out = [p.detach().clone() for p in self._params]
+            self._release()
+            return out
+        return [p.detach().clone() for p in self._params]
+
+
+def _broadcast_flat(tensors: list[torch.Tensor], src: int, group=None) -> None:
+    """Broadcast ``tensors`` from ``src`` in one call per dtype (flattened, then copied back)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in {id(t): t for t in tensors}.values():
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])  # (sum of numels,)
+        _dist().broadcast(flat, src=src, group=group)
+        offset = 0
+        with torch.no_grad():
+            for t in ts:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-Offload: optimizer state and step on the CPU
+
+
+class OffloadOptimizer:
+    """ZeRO-Offload's split of one mixed-precision AdamW step (Ren et al. 2021, arXiv:2101.06840).
+
+    The 16-bit parameters, the forward and the backward stay on the accelerator (the parameters'
+    device); the fp32 master weights, AdamW's m and v and the update live on ``offload_device``
+    (the CPU). ``step()`` moves the 16-bit gradients to the CPU (2 Psi bytes), updates the fp32
+    masters there, and copies the rounded 16-bit weights back (2 Psi bytes). ``log`` gets one
+    entry per step with the bytes held on each side and the bytes moved each way. On a CPU-only
+    machine both "places" are the CPU; the bytes per place are the same as on a GPU.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3,
+                 offload_device: str | torch.device = "cpu", **adamw_kwargs) -> None:
+        self.model_params = [p for p in params if p.requires_grad]
+        if not self.model_params:
+            raise ValueError("params must hold at least one parameter that requires grad, got none")
+        self.offload_device = torch.device(offload_device)
+        self.master_params = [p.detach().to(self.offload_device, torch.float32).clone()
+                              .requires_grad_(True) for p in self.model_params]
+        self.optimizer = torch.optim.AdamW(self.master_params, lr=lr, foreach=False, **adamw_kwargs)
+        self.log: list[dict[str, int]] = []
+
+    def zero_grad(self) -> None:
+        for p in self.model_params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Gradients to the CPU, AdamW on the fp32 masters there, 16-bit weights back."""
+        to_cpu = to_device = 0
+        device_grads = tensor_bytes(p.grad for p in self.model_params)
+        for p, m in zip(self.model_params, self.master_params, strict=True):
+            g = p.grad.to(self.offload_device)  # 16-bit gradient crosses to the CPU
+            to_cpu += g.numel() * g.element_size()
+            m.grad = g.float()  # fp32 only on the CPU
+        self.optimizer.step()
+        for p, m in zip(self.model_params, self.master_params, strict=True):
+            m.grad = None
+            new = m.detach().to(p.dtype).to(p.device)  # rounded on the CPU, 16 bits cross back
+            to_device += new.numel() * new.element_size()
+            p.copy_(new)
+        self.log.append({
+            "device_params": tensor_bytes(self.model_params),
+            "device_grads": device_grads,
+            "cpu_master": tensor_bytes(self.master_params),
+            "cpu_adam_state": tensor_bytes(v for st in self.optimizer.state.values()
+                                           for v in st.values() if v.dim() > 0),  # m and v
+            "to_cpu": to_cpu,
+            "to_device": to_device,
+        })
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting communication
+
+
+_COUNTED = ("all_reduce", "reduce", "broadcast", "all_gather", "send", "isend", "recv", "irecv")
+
+
+class CommunicationCounter:
+    """Context manager that counts the bytes this rank hands to ``torch.distributed`` calls.
+
+    Inside ``with CommunicationCounter() as c:`` every ``all_reduce``, ``reduce``, ``broadcast``,
+    ``all_gather``, ``send``/``isend`` and ``recv``/``irecv`` is wrapped; ``c.bytes[name]`` is the
+    payload (the tensor's bytes; ``all_gather``: the input) and ``c.calls[name]`` the number of
+    calls. Payload is not wire traffic: a ring all-reduce of P bytes sends 2 (N - 1) / N P per rank.
+    """
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self._saved: dict[str, Callable] = {}
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            t = args[1] if name == "all_gather" else args[0]
+            self.bytes[name] = self.bytes.get(name, 0) + t.numel() * t.element_size()
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def __enter__(self) -> CommunicationCounter:
+        dist = _dist()
+        for name in _COUNTED:
+            self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(name, self._saved[name]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist = _dist()
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved = {}
+
+    def total(self) -> int:
+        """Bytes handed to every counted call (receives included)."""
+        return sum(self.bytes.values())
