@@ -36,6 +36,7 @@ import torch
 
 from llmlab.checkpoint import load_pretrained
 from llmlab.decoding import GenerationConfig, greedy_search
+from llmlab.greedy import greedy_with_cache, greedy_without_cache
 from llmlab.notebook import format_seconds
 
 PROMPTS = (
@@ -49,30 +50,6 @@ PROMPTS = (
     "Ella saw a small cat",
 )
 MIN_SPEEDUP = 5.0  # claim for the batch of all prompts
-
-
-@torch.no_grad()
-def greedy_with_cache(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """prompt (B, T) -> (B, T + new_tokens): prefill once, then one token per forward pass."""
-    cache = model.new_cache()
-    logits = model(prompt, cache=cache).logits[:, -1]  # (B, V)
-    ids = prompt
-    for step in range(new_tokens):
-        token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-        ids = torch.cat([ids, token], dim=1)  # (B, T + step + 1)
-        if step < new_tokens - 1:
-            logits = model(token, cache=cache).logits[:, -1]  # (B, V): only the new token is computed
-    return ids
-
-
-@torch.no_grad()
-def greedy_without_cache(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """prompt (B, T) -> (B, T + new_tokens): every step recomputes the whole sequence."""
-    ids = prompt
-    for _ in range(new_tokens):
-        logits = model(ids).logits[:, -1]  # (B, V) from a pass over all (B, T + step) tokens
-        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    return ids
 
 
 def timed(fn, *args) -> tuple[torch.Tensor, float, float]:

@@ -38,11 +38,10 @@ from llmlab.attention import ATTENTION_IMPLS, Attention, KVCache, causal_mask, p
 from llmlab.ffn import GELUMLP, SwiGLUMLP, swiglu_hidden
 from llmlab.moe import MoEStats, SparseMoE, load_balancing_loss
 from llmlab.norms import NORMS, RMSNorm, make_norm
-from llmlab.positional import LearnedPositionalEmbedding, rope_cos_sin, sinusoidal_encoding
+from llmlab.positional import ROPE_SCALINGS, LearnedPositionalEmbedding, RotaryEmbedding, sinusoidal_encoding
 from llmlab.shapes import check_choice, check_float, check_int, check_tensor
 
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
-ROPE_SCALINGS = ("none", "linear", "ntk")  # applied to every position, e.g. to evaluate past the training length
 NORM_PLACEMENTS = ("pre", "post", "deepnorm")
 FFNS = ("swiglu", "gelu", "moe")
 
@@ -60,7 +59,9 @@ class ModelConfig:
     ffn_hidden: int = 352  # F: feed-forward hidden width (8C/3 rounded up for SwiGLU, 4C for GELU)
     position: str = "rope"  # "rope" | "learned" | "sinusoidal" | "alibi" | "none"
     rope_base: float = 10000.0  # RoPE theta (LLaMA-3 uses 500000)
-    rope_scaling: str = "none"  # "none" | "linear" (position interpolation) | "ntk" (NTK-aware base)
+    # "none" | "linear" (position interpolation) | "ntk" (NTK-aware base) | "dynamic" (NTK scaling that
+    # starts past block_size and grows with the length); the list is llmlab.positional.ROPE_SCALINGS
+    rope_scaling: str = "none"
     rope_factor: float = 1.0  # context extension factor s for rope_scaling (positions / s, or base * s^(D/(D-2)))
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     norm_placement: str = "pre"  # "pre" (GPT-2, LLaMA) | "post" (2017 Transformer) | "deepnorm"
@@ -193,9 +194,9 @@ class DecoderLayer(nn.Module):
         """Apply one sublayer with the configured norm placement; return (new x, sublayer extras)."""
         if self.placement == "pre":
             h, extra = sublayer(norm(x))
-            return x + self.dropout(h), extra
+            return x + _dropout(self.dropout, h), extra
         h, extra = sublayer(x)
-        return norm(self.alpha * x + self.dropout(h)), extra  # alpha = 1 for post-norm
+        return norm(self.alpha * x + _dropout(self.dropout, h)), extra  # alpha = 1 for post-norm
 
     def forward(self, x, *, mask, is_causal, positions, cache, rope, return_probs):
         """x (B, T, C) -> (x (B, T, C), attention probs or None, MoEStats or None)."""
@@ -211,6 +212,11 @@ class DecoderLayer(nn.Module):
         x, probs = self._residual(x, attn, self.input_layernorm)  # (B, T, C)
         x, stats = self._residual(x, ffn, self.post_attention_layernorm)  # (B, T, C)
         return x, probs, stats
+
+
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, skipped when it is the identity (eval mode or p = 0): one call less per step."""
+    return module(x) if module.training and module.p > 0 else x
 
 
 def _make_ffn(config: ModelConfig) -> nn.Module:
@@ -250,6 +256,9 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.embed_positions = LearnedPositionalEmbedding(config.block_size, config.n_embd, config.init_std)
+        if config.position == "rope":  # cos/sin tables shared by every layer, cached on the model's device
+            self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_base, scaling=config.rope_scaling,
+                                              factor=config.rope_factor, max_position=config.block_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layer))
         # Post-norm blocks already end in a norm; only pre-norm needs one after the last block.
         if config.norm_placement == "pre":
@@ -270,6 +279,10 @@ class LLM(nn.Module):
     >>> model(torch.randint(0, 50, (2, 7))).logits.shape
     torch.Size([2, 7, 50])
     """
+
+    # Check the range of token ids on accelerators too (a host sync per forward); on the CPU they are
+    # always checked, as the ids are already on the host.
+    validate_inputs: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -329,9 +342,10 @@ class LLM(nn.Module):
             raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one token per row, got T=0")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.numel() and (input_ids.device.type == "cpu" or self.validate_inputs):
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # a host sync off the CPU
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
         if targets is not None:
             check_tensor("targets", targets, ndim=2, layout="(B, T)")
             if targets.shape != input_ids.shape:
@@ -369,13 +383,23 @@ class LLM(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         return causal_mask(t, s, device=device) & padding_mask(attention_mask), False  # (B, 1, T, S)
 
+    def _rope(self, positions, past, t, x):
+        """(cos, sin) for the new tokens, each (T, D) or (B, T, D), from the model's cached tables."""
+        rotary = self.model.rotary_emb
+        if rotary.scaling == "dynamic":  # depends on the current length: computed per call
+            return rotary.dynamic_tables(positions, x.dtype)
+        cos, sin = rotary(past + t, x.dtype, x.device)  # (S, D) each, S >= past + t
+        if positions.dim() == 1:  # positions past..past+t-1: a slice, no gather
+            return cos[past:past + t], sin[past:past + t]  # (T, D) each
+        return cos[positions], sin[positions]  # (B, T, D) each; padded positions are <= past + t - 1
+
     def _embed(self, input_ids, positions):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         if self.config.position == "learned":
             x = x + self.model.embed_positions(positions)  # (B, T, C)
         elif self.config.position == "sinusoidal":
             x = x + self.sinusoidal_pe[positions].to(x.dtype)  # (B, T, C)
-        return self.model.dropout(x)
+        return _dropout(self.model.dropout, x)
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -398,12 +422,7 @@ class LLM(nn.Module):
         positions = self._positions(input_ids, past, attention_mask)  # (T,) or (B, T)
         mask, is_causal = self._mask(attention_mask, t, past + t, input_ids.device)
         x = self._embed(input_ids, positions)  # (B, T, C)
-        rope = None
-        if self.config.position == "rope":  # computed once, shared by every layer
-            # positions go through the CPU: llmlab.positional builds its frequency table there.
-            cos, sin = rope_cos_sin(positions.cpu(), self.config.head_dim, self.config.rope_base, dtype=x.dtype,
-                                    scaling=self.config.rope_scaling, factor=self.config.rope_factor)
-            rope = (cos.to(x.device), sin.to(x.device))  # each (T, D) or (B, T, D)
+        rope = self._rope(positions, past, t, x) if self.config.position == "rope" else None
         attentions, moe_stats = [], []
         for layer in self.model.layers:
             x, probs, stats = layer(x, mask=mask, is_causal=is_causal, positions=positions, cache=cache, rope=rope,

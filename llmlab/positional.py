@@ -184,9 +184,7 @@ def rope_cos_sin(
     factor = check_float("factor", factor, low=1.0)
     base = check_float("base", base, low=0.0, low_open=True)
     head_dim = _even_dim("head_dim", head_dim)
-    if scaling == "ntk":
-        base = ntk_scaled_base(base, factor, head_dim)
-    elif scaling == "dynamic":
+    if scaling == "dynamic":
         if max_position is None:
             raise ValueError("max_position (the training context length) is required for scaling='dynamic'")
         max_position = check_int("max_position", max_position, minimum=1)
@@ -197,10 +195,87 @@ def rope_cos_sin(
     # Angles are computed in float64 only when float64 output is asked for (precise checks);
     # otherwise in float32, like transformers.
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = rope_inv_freq(head_dim, base, dtype=work, device=pos.device)  # (D/2,) on the positions' device
-    if scaling == "linear":
-        inv_freq = inv_freq / factor  # same as dividing the positions by `factor`
+    static = "none" if scaling == "dynamic" else scaling  # linear: w / factor, same as positions / factor
+    inv_freq = _scaled_inv_freq(head_dim, base, static, factor, work, pos.device)  # (D/2,) on the positions' device
     return cos_sin_from_inv_freq(pos, inv_freq, dtype=dtype)
+
+
+def _scaled_inv_freq(
+    head_dim: int, base: float, scaling: str, factor: float, dtype: torch.dtype, device=None
+) -> torch.Tensor:
+    """Frequencies (D/2,) for the static scalings: "none", "linear" (w / factor), "ntk" (scaled base)."""
+    if scaling == "ntk":
+        base = ntk_scaled_base(base, factor, head_dim)
+    inv_freq = rope_inv_freq(head_dim, base, dtype=dtype, device=device)  # (D/2,)
+    return inv_freq / factor if scaling == "linear" else inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """A model's RoPE tables, built on its device once and grown on demand (transformers'
+    ``LlamaRotaryEmbedding`` plays this role).
+
+    ``inv_freq`` (D/2,) is a non-persistent buffer, so it follows ``model.to(device)`` and stays
+    out of the state dict. ``forward(end, dtype, device)`` returns (cos, sin), each (S, D) with
+    S >= end rows for positions 0..S-1, from a cache that is rebuilt only when a longer table, or
+    another device or dtype, is asked for: one decoding step then costs a slice, not a table.
+    The values equal ``rope_cos_sin`` at the same positions (the same float operations).
+
+    ``scaling="dynamic"`` depends on the current length, so it is not cached: ``dynamic_tables``
+    computes it from the positions of each call (``max_position`` = the training context).
+
+    >>> rotary = RotaryEmbedding(head_dim=8)
+    >>> cos, sin = rotary(5, torch.float32, torch.device("cpu"))
+    >>> torch.equal(cos[:5], rope_cos_sin(5, head_dim=8)[0])
+    True
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        base: float = 10000.0,
+        *,
+        scaling: str = "none",
+        factor: float = 1.0,
+        max_position: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = _even_dim("head_dim", head_dim)
+        self.base = check_float("base", base, low=0.0, low_open=True)
+        check_choice("scaling", scaling, ROPE_SCALINGS)
+        self.scaling = scaling
+        self.factor = check_float("factor", factor, low=1.0)
+        if scaling == "dynamic" and max_position is None:
+            raise ValueError("max_position (the training context length) is required for scaling='dynamic'")
+        self.max_position = None if max_position is None else check_int("max_position", max_position, minimum=1)
+        static = "none" if scaling == "dynamic" else scaling
+        inv_freq = _scaled_inv_freq(self.head_dim, self.base, static, self.factor, torch.float32)  # (D/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), each (S, D)
+
+    def forward(self, end: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (S, D) with S >= end, for positions 0..S-1 in ``dtype`` on ``device``."""
+        tables = self._tables
+        if tables is None or tables[0].shape[0] < end or tables[0].dtype != dtype or tables[0].device != device:
+            tables = self._tables = self._build(end, dtype, device)
+        return tables
+
+    def _build(self, end: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        old = 0 if self._tables is None else self._tables[0].shape[0]
+        size = max(check_int("end", end, minimum=1), 2 * old, 64)  # doubling: O(log S) rebuilds
+        # Normal tensors even inside torch.inference_mode(), so that a later training forward may
+        # save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            if dtype == torch.float64:  # the precise path of rope_cos_sin: frequencies in float64
+                static = "none" if self.scaling == "dynamic" else self.scaling
+                inv_freq = _scaled_inv_freq(self.head_dim, self.base, static, self.factor, torch.float64, device)
+            else:
+                inv_freq = self.inv_freq.to(device=device, dtype=torch.float32)  # (D/2,)
+            return cos_sin_from_inv_freq(torch.arange(size, device=device), inv_freq, dtype=dtype)
+
+    def dynamic_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic NTK scaling at ``positions`` (T,) or (B, T): reads max(positions) on the host."""
+        return rope_cos_sin(positions, self.head_dim, self.base, scaling="dynamic", factor=self.factor,
+                            max_position=self.max_position, dtype=dtype)
 
 
 def cos_sin_from_inv_freq(

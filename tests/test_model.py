@@ -286,3 +286,48 @@ def test_rope_scaling_config_errors():
         ModelConfig(vocab_size=40, rope_scaling="yarn")
     with pytest.raises(ValueError, match="rope_factor"):
         ModelConfig(vocab_size=40, rope_scaling="linear", rope_factor=0.5)
+
+
+def test_rope_dynamic_scaling_equals_transformers_past_the_context():
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from llmlab.interop import to_hf
+
+    torch.manual_seed(0)
+    plain = LLM(ModelConfig.tiny(vocab_size=40))  # block_size 32
+    hf_config = copy.deepcopy(to_hf(plain).config)
+    hf_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": plain.config.rope_base}
+    hf = LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict(to_hf(plain).state_dict())
+    dynamic = LLM(dataclasses.replace(plain.config, rope_scaling="dynamic", rope_factor=2.0)).eval()
+    dynamic.load_state_dict(plain.state_dict())
+    long_ids = torch.randint(0, 40, (2, 45))
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(long_ids).logits, hf(long_ids).logits, rtol=1e-5, atol=1e-5)
+        # within the trained context nothing is scaled; past it the model is no longer plain RoPE
+        assert torch.equal(dynamic(long_ids[:, :32]).logits, plain.eval()(long_ids[:, :32]).logits)
+        assert (dynamic(long_ids).logits - plain(long_ids).logits).abs().max() > 1e-4
+
+
+def test_rope_tables_follow_device_dtype_and_survive_inference_mode():
+    model = make(TINY)
+    x = ids(t=10)
+    with torch.inference_mode():  # tables built here must still be usable for training
+        model(x)
+    model.train()
+    model(x, targets=x).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert "model.rotary_emb.inv_freq" not in model.state_dict()  # a non-persistent buffer
+    double = make(TINY).double()
+    with torch.no_grad():
+        torch.testing.assert_close(double(x).logits.float(), make(TINY)(x).logits, rtol=1e-4, atol=1e-5)
+        cos = double.model.rotary_emb(12, torch.float64, torch.device("cpu"))[0]
+    assert cos.dtype == torch.float64 and cos.shape[0] >= 12
+
+
+def test_token_id_range_checked_on_cpu():
+    model = make(TINY)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 61\), got values in \[0, 61\]"):
+        model(torch.tensor([[0, V]]))

@@ -337,3 +337,29 @@ def test_cos_sin_from_inv_freq_equals_rope_cos_sin():
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("scaling", ["none", "linear", "ntk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rotary_embedding_tables_equal_rope_cos_sin(scaling, dtype):
+    from llmlab.positional import RotaryEmbedding
+
+    rotary = RotaryEmbedding(16, 500.0, scaling=scaling, factor=3.0)
+    small = rotary(10, dtype, torch.device("cpu"))
+    grown = rotary(300, dtype, torch.device("cpu"))  # longer than the first table: rebuilt, longer
+    assert small[0].shape[0] >= 10 and grown[0].shape[0] >= 300 and grown[0].dtype == dtype
+    pos = torch.tensor([0, 7, 299, 123])
+    want = rope_cos_sin(pos, 16, 500.0, scaling=scaling, factor=3.0, dtype=dtype)
+    assert torch.equal(grown[0][pos], want[0]) and torch.equal(grown[1][pos], want[1])
+    assert rotary(5, dtype, torch.device("cpu"))[0] is grown[0]  # cached, not rebuilt
+
+
+def test_rotary_embedding_errors():
+    from llmlab.positional import RotaryEmbedding
+
+    with pytest.raises(ValueError, match="max_position .* is required for scaling='dynamic'"):
+        RotaryEmbedding(8, scaling="dynamic", factor=2.0)
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        RotaryEmbedding(8, scaling="yarn")
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        RotaryEmbedding(7)
