@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmlab.lora import _check_module, _no_match_error, find_linear_modules, replace_module
+from llmlab.peft_utils import check_module, wrap_matching_linears
 from llmlab.shapes import check_float, check_int
 
 
@@ -127,17 +127,16 @@ class SVDLinear(nn.Module):
 
 def inject_adalora(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     """Wrap every matching ``nn.Linear`` in an ``SVDLinear`` (in place) and freeze everything else."""
-    _check_module("model", model)
+    check_module("model", model)
     if not isinstance(config, AdaLoRAConfig):
         raise TypeError(f"config must be an AdaLoRAConfig, got {type(config).__name__}")
-    names = find_linear_modules(model, config.target_modules, skip=(SVDLinear,))
-    if not names:
-        raise _no_match_error(model, config.target_modules)
-    for name in names:
-        replace_module(model, name, SVDLinear(model.get_submodule(name), config.init_r, config.alpha, config.dropout))
-    for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name)
-    return model
+    return wrap_matching_linears(
+        model,
+        config.target_modules,
+        lambda linear: SVDLinear(linear, config.init_r, config.alpha, config.dropout),
+        trainable=lambda name: ".lora_" in name,
+        skip=(SVDLinear,),
+    )
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:

@@ -39,9 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.lora import _check_module, _no_match_error, find_linear_modules, replace_module
+from llmlab.peft_utils import (  # decoder_layers is re-exported: it used to be defined here
+    ModelGeometry,
+    check_module,
+    decoder_layers,
+    set_trainable,
+    wrap_matching_linears,
+)
 from llmlab.positional import apply_rope, rope_cos_sin
-from llmlab.prompt_tuning import ModelGeometry
 from llmlab.shapes import check_choice, check_int, check_tensor
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -114,20 +119,25 @@ class AdapterLayer(nn.Module):
 def inject_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     """Wrap every matching ``nn.Linear`` in an ``AdapterLayer`` (in place); train only adapters (and norms).
 
-    >>> model = inject_adapters(model, BottleneckConfig.houlsby(bottleneck_size=16))
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> from llmlab.peft_utils import trainable_parameters
+    >>> model = inject_adapters(LLM(ModelConfig.tiny(vocab_size=50)), BottleneckConfig.houlsby(bottleneck_size=16))
+    >>> per_adapter = (32 * 16 + 16) + (16 * 32 + 32)  # down and up projections of width C = 32, with biases
+    >>> norms = 2 * 2 * 32 + 32  # two RMSNorm gains per layer and the final norm, trained too (Houlsby)
+    >>> trainable_parameters(model) == 2 * 2 * per_adapter + norms  # after o_proj and down_proj, 2 layers
+    True
     """
-    _check_module("model", model)
+    check_module("model", model)
     if not isinstance(config, BottleneckConfig):
         raise TypeError(f"config must be a BottleneckConfig, got {type(config).__name__}")
-    names = find_linear_modules(model, config.target_modules, skip=(AdapterLayer,))
-    if not names:
-        raise _no_match_error(model, config.target_modules)
-    for name in names:
-        replace_module(model, name, AdapterLayer(model.get_submodule(name), config))
-    for name, p in model.named_parameters():
+
+    def trainable(name: str) -> bool:
         is_norm = config.train_layer_norms and re.search(r"norm", name.rsplit(".", 2)[-2]) is not None
-        p.requires_grad_(".adapter." in name or is_norm)
-    return model
+        return ".adapter." in name or is_norm
+
+    return wrap_matching_linears(
+        model, config.target_modules, lambda linear: AdapterLayer(linear, config), trainable, skip=(AdapterLayer,)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,22 +246,17 @@ class AdaptedAttention(nn.Module):
         return (out + extra.to(out.dtype), *rest)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks (``model.layers`` in transformers' Llama and in llmlab's ``LLM``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
-            return module
-    raise TypeError(
-        f"model must hold its decoder blocks in an nn.ModuleList named 'layers', got {type(model).__name__} without one"
-    )
-
-
 def inject_adaption_prompts(model: nn.Module, config: AdaptionPromptConfig) -> nn.Module:
     """Wrap ``self_attn`` of the top ``adapter_layers`` blocks (in place); train only ``adaption_*``.
 
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> from llmlab.peft_utils import trainable_parameters
+    >>> model = LLM(ModelConfig.tiny(vocab_size=50))
     >>> model = inject_adaption_prompts(model, AdaptionPromptConfig(adapter_len=10, adapter_layers=2))
+    >>> trainable_parameters(model) == 2 * (10 * 32 + 1)  # per layer: N x C prompts and one gate
+    True
     """
-    _check_module("model", model)
+    check_module("model", model)
     if not isinstance(config, AdaptionPromptConfig):
         raise TypeError(f"config must be an AdaptionPromptConfig, got {type(config).__name__}")
     layers = decoder_layers(model)
@@ -260,8 +265,7 @@ def inject_adaption_prompts(model: nn.Module, config: AdaptionPromptConfig) -> n
     geometry = ModelGeometry.of(model)
     for layer in list(layers)[len(layers) - config.adapter_layers :]:
         layer.self_attn = AdaptedAttention(layer.self_attn, geometry, config)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1].startswith("adaption_"))
+    set_trainable(model, lambda name: name.rsplit(".", 1)[-1].startswith("adaption_"))
     return model
 
 

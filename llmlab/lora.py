@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmlab.peft_utils import (  # these names used to be defined here; old imports keep working
+    check_module,
+    count_trainable_parameters,  # noqa: F401 (re-exported)
+    find_linear_modules,  # noqa: F401 (re-exported)
+    mark_only_adapters_trainable,  # noqa: F401 (re-exported)
+    name_matches,  # noqa: F401 (re-exported)
+    replace_module,
+    set_trainable,
+    wrap_matching_linears,
+)
 from llmlab.shapes import check_float, check_int
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -235,61 +244,7 @@ class LoRALinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding and replacing modules
-
-
-def name_matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
-    """peft's rule: a string is a regex that must match the whole name; a tuple holds name suffixes.
-
-    >>> name_matches("model.layers.0.self_attn.q_proj", ("q_proj", "v_proj"))
-    True
-    """
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _check_module(name: str, model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule called ``name`` (dotted path) is."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def find_linear_modules(
-    model: nn.Module, target_modules: tuple[str, ...] | str, skip: tuple[type, ...] = ()
-) -> list[str]:
-    """Names of the ``nn.Linear`` modules that match ``target_modules``, skipping anything inside
-    a module of a type in ``skip`` (so an adapter's own ``lora_A`` is never wrapped again)."""
-    inside_skipped: list[str] = []
-    found = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside_skipped):
-            continue
-        if skip and isinstance(module, skip):
-            inside_skipped.append(name)
-            continue
-        if isinstance(module, nn.Linear) and name_matches(name, target_modules):
-            found.append(name)
-    return found
-
-
-def _no_match_error(model: nn.Module, target_modules: tuple[str, ...] | str) -> ValueError:
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    return ValueError(
-        f"target_modules={target_modules!r} matched no nn.Linear in the model; its linear layers are named {linear}"
-    )
-
-
-def mark_only_adapters_trainable(model: nn.Module, keyword: str = "lora_") -> None:
-    """requires_grad = True exactly for parameters whose name contains ``keyword``."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(keyword in name)
+# Injecting adapters (the module surgery lives in llmlab.peft_utils)
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -297,28 +252,26 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     Returns ``model``. Raises ``ValueError`` if no linear layer matches.
 
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> model = LLM(ModelConfig.tiny(vocab_size=50))  # 2 layers; q_proj 32 -> 32, v_proj 32 -> 16
     >>> model = inject_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    >>> count_trainable_parameters(model)[0] == 2 * 8 * ((32 + 32) + (32 + 16))  # layers * r * (in + out)
+    True
     """
-    return wrap_matching_linears(
+    return wrap_lora_linears(
         model, config, lambda linear: LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora)
     )
 
 
-def wrap_matching_linears(
-    model: nn.Module, config: LoRAConfig, make_layer: Callable[[nn.Linear], nn.Module]
-) -> nn.Module:
-    """Replace each ``nn.Linear`` matching ``config.target_modules`` by ``make_layer(linear)`` (in place),
-    then leave only adapter parameters trainable. Shared by LoRA and QLoRA; returns ``model``."""
-    _check_module("model", model)
+def wrap_lora_linears(model: nn.Module, config: LoRAConfig, make_layer: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """``wrap_matching_linears`` with LoRA's rules: ``config.target_modules``, never inside a
+    ``LoRALinear``, only ``lora_*`` parameters trainable. Shared by LoRA and QLoRA; returns ``model``."""
+    check_module("model", model)
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    names = find_linear_modules(model, config.target_modules, skip=(LoRALinear,))
-    if not names:
-        raise _no_match_error(model, config.target_modules)
-    for name in names:
-        replace_module(model, name, make_layer(model.get_submodule(name)))
-    mark_only_adapters_trainable(model)
-    return model
+    return wrap_matching_linears(
+        model, config.target_modules, make_layer, trainable=lambda name: "lora_" in name, skip=(LoRALinear,)
+    )
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -327,7 +280,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
-    _check_module("model", model)
+    check_module("model", model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRALinear layers; call inject_lora(model, config) first")
@@ -357,8 +310,16 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes exactly its base model (like peft's ``disable_adapter()``),
     e.g. the frozen reference model of DPO without a second copy of the weights.
 
+    >>> import copy
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> base = LLM(ModelConfig.tiny(vocab_size=50))
+    >>> model = inject_lora(copy.deepcopy(base), LoRAConfig.tiny())
+    >>> _ = torch.nn.init.ones_(model.model.layers[0].self_attn.q_proj.lora_B.weight)  # B != 0
+    >>> ids = torch.tensor([[1, 2, 3]])  # (B, T)
     >>> with disable_lora(model):
     ...     reference_logits = model(ids).logits
+    >>> torch.equal(reference_logits, base(ids).logits), torch.equal(model(ids).logits, reference_logits)
+    (True, False)
     """
     layers = _require_lora(model).values()
     for layer in layers:
@@ -447,23 +408,22 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
 def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> nn.Module:
     """Inject LoRA as the saved config says, load the saved weights; ``trainable=True`` resumes training.
 
-    >>> model = load_adapter(base_model, "runs/my-adapter", trainable=True)
+    >>> import copy, tempfile
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> base = LLM(ModelConfig.tiny(vocab_size=50))
+    >>> tuned = inject_lora(copy.deepcopy(base), LoRAConfig.tiny())
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     _ = save_adapter(tuned, LoRAConfig.tiny(), directory)
+    ...     model = load_adapter(base, directory, trainable=True)
+    >>> count_trainable_parameters(model) == count_trainable_parameters(tuned)
+    True
     """
-    _check_module("model", model)
+    check_module("model", model)
     config = read_adapter_config(directory)
     if not lora_layers(model):
         inject_lora(model, config)
     device = next(iter(lora_layers(model).values())).lora_A.weight.device
     state = from_peft_keys(load_file(str(Path(directory) / ADAPTER_WEIGHTS), device=str(device)))
     load_lora_state_dict(model, state)
-    for name, p in model.named_parameters():
-        p.requires_grad_(trainable and "lora_" in name)
+    set_trainable(model, lambda name: trainable and "lora_" in name)
     return model
-
-
-def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, like peft's ``get_nb_trainable_parameters``."""
-    _check_module("model", model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

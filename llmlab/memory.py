@@ -504,12 +504,13 @@ def inference_memory(
 # ----------------------------------------------------------------------------------------------
 # Activation checkpointing and micro-batches
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from llmlab.model import LLM
+def _llmlab_layers(model: nn.Module) -> nn.ModuleList:
+    """``decoder_layers(model)`` of an llmlab ``LLM`` (checkpointing relies on its layers' forward)."""
+    from llmlab.peft_utils import decoder_layers, is_llmlab_model
 
-    if not isinstance(model, LLM):
+    if not is_llmlab_model(model):
         raise TypeError(f"model must be an llmlab.model.LLM, got {type(model).__name__}")
-    return model.model.layers
+    return decoder_layers(model)
 
 
 def _checkpointed_forward(layer: nn.Module) -> Callable:
@@ -535,14 +536,14 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     >>> is_activation_checkpointing(model)
     True
     """
-    for layer in _decoder_layers(model):
+    for layer in _llmlab_layers(model):
         layer.forward = _checkpointed_forward(layer)  # an instance attribute overrides the class method
     return model
 
 
 def disable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Undo ``enable_activation_checkpointing`` (in place); return the model."""
-    for layer in _decoder_layers(model):
+    for layer in _llmlab_layers(model):
         layer.__dict__.pop("forward", None)
     return model
 
@@ -550,7 +551,7 @@ def disable_activation_checkpointing(model: nn.Module) -> nn.Module:
 def is_activation_checkpointing(model: nn.Module) -> bool:
     """True if every decoder layer of ``model`` is checkpointed."""
     return all(getattr(layer.__dict__.get("forward"), "activation_checkpointing", False)
-               for layer in _decoder_layers(model))  # fmt: skip
+               for layer in _llmlab_layers(model))  # fmt: skip
 
 
 def split_micro_batches(

@@ -44,65 +44,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmlab.model import LLM
+from llmlab.peft_utils import (  # these names used to be defined here; old imports keep working
+    ModelGeometry,
+    freeze,
+    input_embedding,
+    is_llmlab_model,
+    trainable_parameters,  # noqa: F401 (re-exported)
+)
 from llmlab.shapes import check_choice, check_float, check_int, check_tensor
 
 ENCODER_TYPES = ("mlp", "lstm")
-
-
-# ----------------------------------------------------------------------------------------------
-# What the wrappers need to know about a model
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """The sizes of a decoder that soft prompts and prefixes must match."""
-
-    num_layers: int  # L: decoder blocks
-    hidden_size: int  # C: model width (the size of a virtual token embedding)
-    num_heads: int  # H: query heads
-    num_kv_heads: int  # K: key/value heads (the size of a prefix per layer is K * D)
-    head_dim: int  # D: head dimension
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ModelGeometry:
-        """Read the sizes from llmlab's ``ModelConfig`` or a transformers config."""
-        cfg = getattr(model, "config", None)
-        if cfg is None:
-            raise TypeError(
-                f"model must have a .config (llmlab ModelConfig or transformers config), got "
-                f"{type(model).__name__} without one"
-            )
-        if hasattr(cfg, "n_layer"):  # llmlab ModelConfig
-            return cls(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head)
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, heads, kv_heads, head_dim)
-
-
-def is_llmlab_model(model: nn.Module) -> bool:
-    """True for llmlab's ``LLM`` (keyword ``cache=``, ``targets=``), False for transformers models."""
-    return isinstance(model, LLM)
-
-
-def input_embedding(model: nn.Module) -> nn.Embedding:
-    """The token embedding table of a transformers model or of llmlab's ``LLM``."""
-    if hasattr(model, "get_input_embeddings"):
-        return model.get_input_embeddings()
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "embed_tokens", None), nn.Embedding):
-        return inner.embed_tokens
-    raise TypeError(
-        f"model must expose its token embedding (get_input_embeddings or .model.embed_tokens), "
-        f"got {type(model).__name__}"
-    )
-
-
-def freeze(model: nn.Module) -> None:
-    """requires_grad = False for every parameter of ``model``."""
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +178,13 @@ class SoftPromptModel(nn.Module):
     forward(input_ids (B, T), attention_mask (B, T) or None, labels= / targets= (B, T), ...) calls the
     model on N + T positions and returns its output unchanged (logits (B, N + T, V), like peft).
 
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> base = LLM(ModelConfig.tiny(vocab_size=50))
     >>> model = SoftPromptModel(base, PromptConfig.prompt_tuning(num_virtual_tokens=8))
+    >>> model(torch.zeros(2, 5, dtype=torch.long)).logits.shape  # (B, N + T, V)
+    torch.Size([2, 13, 50])
+    >>> trainable_parameters(model) == 8 * base.config.n_embd  # N x C, the base model is frozen
+    True
     """
 
     def __init__(self, model: nn.Module, config: PromptConfig) -> None:
@@ -377,7 +334,13 @@ class PrefixModel(nn.Module):
     forward(input_ids (B, T), attention_mask (B, T) or None, **kwargs) -> the model's output; logits
     are (B, T, V) (the prefix has keys and values but no output positions).
 
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> base = LLM(ModelConfig.tiny(vocab_size=50))  # 2 layers, K = 2 key/value heads of D = 8
     >>> model = PrefixModel(base, PrefixConfig.p_tuning_v2(num_virtual_tokens=8))
+    >>> model(torch.zeros(2, 5, dtype=torch.long)).logits.shape  # (B, T, V)
+    torch.Size([2, 5, 50])
+    >>> trainable_parameters(model) == 8 * 2 * 2 * 2 * 8  # N x layers x (key, value) x K x D
+    True
     """
 
     def __init__(self, model: nn.Module, config: PrefixConfig) -> None:
@@ -405,8 +368,3 @@ class PrefixModel(nn.Module):
         if is_llmlab_model(self.base_model):
             return self.base_model(input_ids, cache=cache, attention_mask=mask, **kwargs)
         return self.base_model(input_ids=input_ids, past_key_values=cache, attention_mask=mask, **kwargs)
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters with requires_grad (the prompt encoder's, for these wrappers)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

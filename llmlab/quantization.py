@@ -45,12 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.lora import (
-    LoRAConfig,
-    LoRALinear,
-    replace_module,
-    wrap_matching_linears,
-)
+from llmlab.lora import LoRAConfig, LoRALinear, wrap_lora_linears
+from llmlab.peft_utils import check_module, replace_module
 from llmlab.shapes import check_float, check_int, check_tensor
 
 # The NF4 table as published: QLoRA paper appendix E, and bitsandbytes/functional.py (get_4bit_type,
@@ -380,10 +376,15 @@ def merge_qlora(model: nn.Module, requantize: bool = False, nf4: NF4Config | Non
     dequantize, merge in 16/32 bit, then quantize again only if needed). ``requantize=True``: an
     ``NF4Linear`` holding that sum rounded to NF4 again (``QLoRALinear.merge_and_requantize``).
 
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> model = prepare_qlora(LLM(ModelConfig.tiny(vocab_size=50)), LoRAConfig.tiny())
+    >>> ids = torch.tensor([[1, 2, 3]])  # (B, T)
+    >>> before = model(ids).logits
     >>> merged = merge_qlora(model)  # same outputs as the unmerged QLoRA model, up to float rounding
+    >>> torch.allclose(merged(ids).logits, before, atol=1e-5), type(merged.model.layers[0].self_attn.q_proj)
+    (True, <class 'torch.nn.modules.linear.Linear'>)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
         raise ValueError("model has no QLoRALinear layers; call prepare_qlora(model, config) first")
@@ -398,9 +399,12 @@ def prepare_qlora(
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` by a ``QLoRALinear`` (in place) and freeze the rest.
 
-    >>> model = prepare_qlora(model, LoRAConfig.all_linear(r=16))
+    >>> from llmlab.model import LLM, ModelConfig
+    >>> model = prepare_qlora(LLM(ModelConfig.tiny(vocab_size=50)), LoRAConfig.all_linear(r=16))
+    >>> type(model.model.layers[0].mlp.down_proj).__name__
+    'QLoRALinear'
     """
-    return wrap_matching_linears(
+    return wrap_lora_linears(
         model,
         config,
         lambda linear: QLoRALinear(
