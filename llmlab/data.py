@@ -97,9 +97,18 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _plural(word: str) -> str:
-    """Regular English plural: "ball" -> "balls", "box" -> "boxes"."""
-    return word + ("es" if word.endswith(("s", "x", "sh", "ch")) else "s")
+def plural(word: str) -> str:
+    """Regular English plural, shared by the corpus generators: -es after s, x, sh, ch and o,
+    consonant + y -> ies, otherwise -s.
+
+    >>> [plural(w) for w in ("ball", "box", "peach", "potato", "berry", "toy")]
+    ['balls', 'boxes', 'peaches', 'potatoes', 'berries', 'toys']
+    """
+    if word.endswith(("s", "x", "sh", "ch", "o")):
+        return word + "es"
+    if len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
 
 
 def _cap(s: str) -> str:
@@ -140,7 +149,7 @@ class _Story:
             lambda: f"{_cap(he)} was very {r.choice(_FEELINGS)} because {he} had {_a(self.adj)} {self.obj}.",
             lambda: f"{n} and {self.friend} {r.choice(_ACTIVITIES)} in {self.place} all day.",
             lambda: f"{r.choice(_WEATHER)}, so {n} and {self.friend} played in the garden.",
-            lambda: f"{n} had {r.choice(_NUMBERS)} {_plural(self.obj)}, and {he} gave one to {self.friend}.",
+            lambda: f"{n} had {r.choice(_NUMBERS)} {plural(self.obj)}, and {he} gave one to {self.friend}.",
             lambda: f"{n} wanted to {r.choice(_PURPOSES)}, but {he} was too {r.choice(_FEELINGS)}.",
             lambda: f"Then {he} saw {_a(self.animal)}. The {self.animal} was {r.choice(_FEELINGS)}.",
             lambda: f"{_cap(his)} friend {self.friend} came to {self.place} and they played together.",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 
-from llmlab.data import sample_documents
+from llmlab.data import plural, sample_documents
 
 # Word lists are tuples (fixed order), so random.choice is reproducible.
 _FLAVOURS = ("honey", "lemon", "cheese", "butter", "sweet", "spicy", "warm", "green", "brown", "garden")
@@ -46,14 +46,6 @@ _ENDINGS = (
 
 # Every character the templates below can write (checked against the shipped vocabulary in the tests).
 RECIPE_CHARS = frozenset("\n ,.ABCDEFHILMRSTWYabcdefghijklmnoprstuvwxy")
-
-
-def _plural(word: str) -> str:
-    if word.endswith(("o", "ch", "sh")):
-        return word + "es"
-    if word.endswith("y") and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    return word + "s"
 
 
 def _lower_first(sentence: str) -> str:
@@ -83,7 +75,7 @@ class _Recipe:
 
     def ingredients(self) -> str:
         r = self.rng
-        items = [f"{r.choice(_COUNTS)} {_plural(self.main)}"]
+        items = [f"{r.choice(_COUNTS)} {plural(self.main)}"]
         for food, unit in self.basics:
             amount = r.choice(("one", "two", "three", "half a", "a little"))
             if amount == "a little":
@@ -95,7 +87,7 @@ class _Recipe:
         return f"You need {_join(items)}."
 
     def step(self) -> str:
-        r, main, tool = self.rng, _plural(self.main), self.tool
+        r, main, tool = self.rng, plural(self.main), self.tool
         food = r.choice(self.basics)[0]
         templates = (
             lambda: f"Wash the {main} and cut them into small pieces.",

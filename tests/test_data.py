@@ -14,6 +14,7 @@ from llmlab.data import (
     get_batch,
     load_text,
     load_tiny_shakespeare,
+    plural,
     train_val_split,
 )
 from llmlab.tokenizer import CharTokenizer
@@ -52,6 +53,16 @@ def test_corpus_looks_like_english_stories(corpus):
     assert corpus.endswith("\n\n")
     assert "Once upon a time" in corpus and ",\" said" in corpus
     assert all(c.isascii() for c in set(corpus))
+
+
+def test_plural_covers_every_noun_the_generators_pluralize():
+    from llmlab import data, peft_domain
+
+    expected = {"ball": "balls", "box": "boxes", "dish": "dishes", "peach": "peaches", "potato": "potatoes",
+                "tomato": "tomatoes", "berry": "berries", "toy": "toys", "bus": "buses"}
+    assert {w: plural(w) for w in expected} == expected
+    for word in data._OBJECTS + peft_domain._MAINS:  # the stories' objects and the recipes' ingredients
+        assert plural(word).startswith(word[:-1]) and plural(word).endswith("s"), word
 
 
 def test_load_text(tmp_path):
