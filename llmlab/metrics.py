@@ -457,13 +457,13 @@ class NLLResult:
 
 
 def sequence_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, max_length: int | None = None,
-                 stride: int | None = None) -> torch.Tensor:
+                 stride: int | None = None, batch_size: int = 16) -> torch.Tensor:
     """Per-token NLL (nats) of ids[1:] under a causal LM whose forward returns ``.logits``.
 
     Windows of ``max_length`` tokens (default: the model's ``config.block_size``) advance by
     ``stride`` (default ``max_length``); each window scores only tokens no earlier window scored,
     with the rest of the window as context (the transformers perplexity guide's sliding window).
-    Returns a (N-1,) float tensor.
+    Up to ``batch_size`` windows run in one forward pass. Returns a (N-1,) float tensor.
     """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()  # (N,)
     if ids.numel() < 2:
@@ -474,21 +474,26 @@ def sequence_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, max_
     stride = check_int("stride", max_length if stride is None else stride, minimum=1)
     if stride > max_length:
         raise ValueError(f"stride must be <= max_length={max_length}, got {stride}")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    windows, scored = [], 0  # (start, end, first new prediction); tokens 1..scored are covered
+    for end in range(min(max_length, ids.numel()), ids.numel() + stride, stride):
+        end = min(end, ids.numel())
+        windows.append((max(0, end - max_length), end, scored))
+        scored = end - 1
+        if end == ids.numel():
+            break
     device = next(model.parameters()).device
     out = torch.empty(ids.numel() - 1)  # (N-1,)
-    scored = 0  # tokens 1..scored already have an NLL
-    with torch.no_grad():
-        for end in range(min(max_length, ids.numel()), ids.numel() + stride, stride):
-            end = min(end, ids.numel())
-            start = max(0, end - max_length)
-            window = ids[start:end].to(device)[None]  # (1, T)
-            logp = F.log_softmax(model(window).logits[0, :-1].float(), dim=-1)  # (T-1, V)
-            nll = -logp.gather(1, window[0, 1:, None])[:, 0].cpu()  # (T-1,)
-            new = end - 1 - scored  # the last `new` predictions are new
-            out[scored:end - 1] = nll[nll.numel() - new:]
-            scored = end - 1
-            if end == ids.numel():
-                break
+    for i in range(0, len(windows), batch_size):  # windows of equal length share a forward pass
+        group = windows[i:i + batch_size]
+        for length in sorted({e - s for s, e, _ in group}):
+            same = [w for w in group if w[1] - w[0] == length]
+            x = torch.stack([ids[s:e] for s, e, _ in same]).to(device)  # (B, T)
+            with torch.no_grad():
+                logp = F.log_softmax(model(x).logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+            nll = -logp.gather(2, x[:, 1:, None])[..., 0].cpu()  # (B, T-1)
+            for row, (s, e, first) in zip(nll, same, strict=True):
+                out[first:e - 1] = row[first - s:]  # prediction j of the window is token s+j+1
     return out
 
 
