@@ -92,55 +92,56 @@ def hf_config(config: ModelConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# State-dict mappings (ours -> theirs; the way back inverts them)
+# State-dict mappings (ours -> theirs and back)
 
 
-def _gpt2_state(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Our names -> GPT2LMHeadModel names, with Conv1D's (in, out) transposes and the fused c_attn."""
-    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
-           "transformer.wpe.weight": sd["model.embed_positions.weight"],
-           "transformer.ln_f.weight": sd["model.norm.weight"], "transformer.ln_f.bias": sd["model.norm.bias"],
-           "lm_head.weight": sd["lm_head.weight"]}
+# GPT-2, one table for both directions: (our name, GPT2LMHeadModel's name, transposed). GPT-2's
+# Conv1D stores each matrix as (in, out), ours as (out, in), so "transposed" entries flip; its c_attn
+# fuses q, k and v: our three (C, C) matrices stacked along the output dimension, then transposed.
+_GPT2_GLOBAL = (
+    ("model.embed_tokens.weight", "transformer.wte.weight", False),
+    ("model.embed_positions.weight", "transformer.wpe.weight", False),
+    ("model.norm.weight", "transformer.ln_f.weight", False),
+    ("model.norm.bias", "transformer.ln_f.bias", False),
+    ("lm_head.weight", "lm_head.weight", False),  # absent from a tied GPT-2 state dict: then wte
+)
+_GPT2_LAYER = (  # names after "model.layers.{i}." and "transformer.h.{i}."
+    ("self_attn.{q,k,v}_proj.weight", "attn.c_attn.weight", True),  # 3 x (C, C) <-> (C, 3C)
+    ("self_attn.{q,k,v}_proj.bias", "attn.c_attn.bias", False),  # 3 x (C,) <-> (3C,)
+    ("self_attn.o_proj.weight", "attn.c_proj.weight", True),  # (C, C)
+    ("self_attn.o_proj.bias", "attn.c_proj.bias", False),
+    ("mlp.up_proj.weight", "mlp.c_fc.weight", True),  # (F, C) <-> (C, F)
+    ("mlp.up_proj.bias", "mlp.c_fc.bias", False),
+    ("mlp.down_proj.weight", "mlp.c_proj.weight", True),  # (C, F) <-> (F, C)
+    ("mlp.down_proj.bias", "mlp.c_proj.bias", False),
+    ("input_layernorm.weight", "ln_1.weight", False),
+    ("input_layernorm.bias", "ln_1.bias", False),
+    ("post_attention_layernorm.weight", "ln_2.weight", False),
+    ("post_attention_layernorm.bias", "ln_2.bias", False),
+)
+
+
+def _gpt2_rows(n_layer: int) -> list[tuple[list[str], str, bool]]:
+    """The table expanded for ``n_layer`` layers: (our names (3 for a fused entry), theirs, transposed)."""
+    rows = [([ours], theirs, t) for ours, theirs, t in _GPT2_GLOBAL]
     for i in range(n_layer):
-        ours, theirs = f"model.layers.{i}.", f"transformer.h.{i}."
-        a, m = ours + "self_attn.", ours + "mlp."
-        qkv = [sd[a + f"{p}_proj.weight"] for p in "qkv"]  # each (out, in)
-        out[theirs + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()  # (C, 3C)
-        out[theirs + "attn.c_attn.bias"] = torch.cat([sd[a + f"{p}_proj.bias"] for p in "qkv"])  # (3C,)
-        out[theirs + "attn.c_proj.weight"] = sd[a + "o_proj.weight"].t()  # (C, C)
-        out[theirs + "attn.c_proj.bias"] = sd[a + "o_proj.bias"]
-        out[theirs + "mlp.c_fc.weight"] = sd[m + "up_proj.weight"].t()  # (C, F)
-        out[theirs + "mlp.c_fc.bias"] = sd[m + "up_proj.bias"]
-        out[theirs + "mlp.c_proj.weight"] = sd[m + "down_proj.weight"].t()  # (F, C)
-        out[theirs + "mlp.c_proj.bias"] = sd[m + "down_proj.bias"]
-        for norm, ln in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            out[theirs + f"{ln}.weight"] = sd[ours + f"{norm}.weight"]
-            out[theirs + f"{ln}.bias"] = sd[ours + f"{norm}.bias"]
-    return out
+        for ours, theirs, t in _GPT2_LAYER:
+            names = [ours.replace("{q,k,v}", p) for p in "qkv"] if "{q,k,v}" in ours else [ours]
+            rows.append(([f"model.layers.{i}.{n}" for n in names], f"transformer.h.{i}.{theirs}", t))
+    return rows
 
 
-def _gpt2_state_back(sd: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel names -> ours (the inverse of ``_gpt2_state``)."""
-    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-           "model.embed_positions.weight": sd["transformer.wpe.weight"],
-           "model.norm.weight": sd["transformer.ln_f.weight"], "model.norm.bias": sd["transformer.ln_f.bias"],
-           "lm_head.weight": sd.get("lm_head.weight", sd["transformer.wte.weight"])}
-    for i in range(n_layer):
-        ours, theirs = f"model.layers.{i}.", f"transformer.h.{i}."
-        a, m = ours + "self_attn.", ours + "mlp."
-        q, k, v = sd[theirs + "attn.c_attn.weight"].t().chunk(3, dim=0)  # each (C, C), (out, in)
-        qb, kb, vb = sd[theirs + "attn.c_attn.bias"].chunk(3)  # each (C,)
-        out.update({a + "q_proj.weight": q, a + "k_proj.weight": k, a + "v_proj.weight": v,
-                    a + "q_proj.bias": qb, a + "k_proj.bias": kb, a + "v_proj.bias": vb})
-        out[a + "o_proj.weight"] = sd[theirs + "attn.c_proj.weight"].t()  # (C, C)
-        out[a + "o_proj.bias"] = sd[theirs + "attn.c_proj.bias"]
-        out[m + "up_proj.weight"] = sd[theirs + "mlp.c_fc.weight"].t()  # (F, C)
-        out[m + "up_proj.bias"] = sd[theirs + "mlp.c_fc.bias"]
-        out[m + "down_proj.weight"] = sd[theirs + "mlp.c_proj.weight"].t()  # (C, F)
-        out[m + "down_proj.bias"] = sd[theirs + "mlp.c_proj.bias"]
-        for norm, ln in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            out[ours + f"{norm}.weight"] = sd[theirs + f"{ln}.weight"]
-            out[ours + f"{norm}.bias"] = sd[theirs + f"{ln}.bias"]
+def _gpt2_state(sd: dict[str, torch.Tensor], n_layer: int, to_hf: bool) -> dict[str, torch.Tensor]:
+    """Our names -> GPT2LMHeadModel names (``to_hf``) or back, following the one table above."""
+    out = {}
+    for ours, theirs, transposed in _gpt2_rows(n_layer):
+        if to_hf:
+            x = torch.cat([sd[n] for n in ours], dim=0)  # fused q, k, v stack along the output dim
+            out[theirs] = x.t() if transposed else x
+            continue
+        x = sd.get(theirs, sd["transformer.wte.weight"]) if theirs == "lm_head.weight" else sd[theirs]
+        x = x.t() if transposed else x
+        out.update(zip(ours, x.chunk(len(ours), dim=0), strict=True))  # a fused c_attn splits in 3
     return out
 
 
@@ -217,7 +218,7 @@ def to_hf(model: LLM) -> nn.Module:
     hf = cls(hf_config(config)).to(device=param.device, dtype=param.dtype)
     sd = model.state_dict()
     if family == "gpt2":
-        sd = _gpt2_state(sd, config.n_layer)
+        sd = _gpt2_state(sd, config.n_layer, to_hf=True)
     elif family == "mixtral":
         sd = _mixtral_experts_to_hf(sd, set(hf.state_dict()), config.n_layer, config.n_experts)
     _load(hf, sd)
@@ -285,7 +286,7 @@ def from_hf(hf_model: nn.Module) -> LLM:
     config = _gpt2_config(cfg) if model_type == "gpt2" else _llama_like_config(cfg, model_type)
     sd = hf_model.state_dict()
     if model_type == "gpt2":
-        sd = _gpt2_state_back(sd, config.n_layer)
+        sd = _gpt2_state(sd, config.n_layer, to_hf=False)
     elif model_type == "mixtral":
         sd = _mixtral_experts_from_hf(sd, config.n_layer, config.n_experts)
     param = next(hf_model.parameters())

@@ -60,6 +60,20 @@ def test_from_hf_round_trip(name):
         torch.testing.assert_close(back(x).logits, model(x).logits, **TOL)
 
 
+def test_gpt2_table_maps_every_tensor_both_ways_exactly():
+    from llmlab.interop import _gpt2_state, hf_config
+
+    config = replace(CASES["gpt2"][0], tie_embeddings=False)
+    sd = random_model(config).state_dict()
+    theirs = _gpt2_state(sd, config.n_layer, to_hf=True)
+    assert set(theirs) == set(GPT2LMHeadModel(hf_config(config)).state_dict())
+    assert theirs["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # (C, 3C): q, k, v fused, transposed
+    back = _gpt2_state(theirs, config.n_layer, to_hf=False)
+    assert back.keys() == sd.keys()
+    for key, value in sd.items():
+        assert torch.equal(back[key], value), key
+
+
 def test_from_hf_of_a_fresh_gpt2_and_loss_agrees():
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
