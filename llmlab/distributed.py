@@ -568,6 +568,7 @@ class ZeroMixedPrecision(nn.Module):
         self.module = module.to(param_dtype)
         _broadcast_flat(list(module.parameters()) + list(module.buffers()), self._global(0), group)
         self._params = [p for p in module.parameters() if p.requires_grad]  # tied: listed once
+        self.device = self._params[0].device  # buffers live where the model lives (CPU or GPU)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._shapes = [p.shape for p in self._params]
         self._offsets, total = [], 0
@@ -603,7 +604,7 @@ class ZeroMixedPrecision(nn.Module):
 
     def _flat_params(self) -> torch.Tensor:
         """All trainable parameters in fp32, end to end, zero-padded to N S elements."""
-        flat = torch.zeros(self.shard_size * self.world_size)  # (N S,)
+        flat = torch.zeros(self.shard_size * self.world_size, device=self.device)  # (N S,)
         for p, off in zip(self._params, self._offsets, strict=True):
             flat[off:off + p.numel()] = p.detach().reshape(-1).float()
         return flat
@@ -611,7 +612,7 @@ class ZeroMixedPrecision(nn.Module):
     def _release(self) -> None:
         """Stage 3: drop the full 16-bit parameters (each becomes an empty tensor)."""
         for p in self._params:
-            p.data = torch.empty(0, dtype=self.param_dtype)
+            p.data = torch.empty(0, dtype=self.param_dtype, device=self.device)
 
     def _gather(self) -> None:
         """Stage 3: all-gather every rank's 16-bit slice and point the parameters into it."""
@@ -642,7 +643,8 @@ class ZeroMixedPrecision(nn.Module):
         """Stages 2-3 hook: sum each piece of p's gradient onto its owner, then free the gradient."""
         off, g = self._offsets[self._index[id(p)]], p.grad.reshape(-1).float()  # (numel,) fp32 for an exact sum
         if self.grad_shard is None:
-            self.grad_shard = torch.zeros(self.shard_size, dtype=self.param_dtype)  # (S,)
+            self.grad_shard = torch.zeros(self.shard_size, dtype=self.param_dtype,
+                                          device=self.device)  # (S,)
         for owner, start, stop in self._pieces(off, p.numel()):
             piece = g[start - off:stop - off].clone()
             _dist().reduce(piece, dst=self._global(owner), group=self.group)
@@ -655,7 +657,7 @@ class ZeroMixedPrecision(nn.Module):
         """Stages 0-1: all-reduce (average) every gradient. Stages 2-3: the hooks did the work."""
         if self.stage >= 2:
             return
-        flat = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1).float()
+        flat = torch.cat([torch.zeros(p.numel(), device=self.device) if p.grad is None else p.grad.reshape(-1).float()
                           for p in self._params])  # (Psi,) fp32, so the sum is exact
         _dist().all_reduce(flat, group=self.group)  # one call for all gradients
         for p, off in zip(self._params, self._offsets, strict=True):
@@ -665,9 +667,9 @@ class ZeroMixedPrecision(nn.Module):
         """fp32 gradient of this rank's optimizer slice, (S,) or (Psi,)."""
         if self.stage >= 2:
             if self.grad_shard is None:
-                return torch.zeros(self._hi - self._lo)
+                return torch.zeros(self._hi - self._lo, device=self.device)
             return self.grad_shard.float()
-        flat = torch.zeros(self.shard_size * self.world_size)  # (N S,)
+        flat = torch.zeros(self.shard_size * self.world_size, device=self.device)  # (N S,)
         for p, off in zip(self._params, self._offsets, strict=True):
             if p.grad is not None:
                 flat[off:off + p.numel()] = p.grad.reshape(-1).float()

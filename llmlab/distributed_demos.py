@@ -16,7 +16,6 @@ seeds, identical on every rank, each rank taking its slice.
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
@@ -163,7 +162,7 @@ def notebook_run(rank: int, world: int) -> dict:
     """Everything notebook 15 measures, in one launch of ``world`` ranks (each launch costs seconds
     of process start-up): ZeRO stages on groups of 1, 2, ..., ``world`` ranks (``dist.new_group``:
     ranks 0-1 and 2-3 form two groups of 2, and so on), DP/TP/PP bytes on all ranks, and one small
-    GPipe timeline (4 micro-batches, width 64). Key ``zero`` maps group size to zero_stages' result
+    GPipe timeline (4 micro-batches of 4 x 64 tokens, width 128). Key ``zero`` maps group size to zero_stages' result
     on the group holding this rank."""
     import torch.distributed as dist
 
@@ -174,6 +173,6 @@ def notebook_run(rank: int, world: int) -> dict:
         out["zero"][n] = zero_stages(rank % n, n, group=groups[rank // n])
         n *= 2
     out["parallel"] = parallelism_bytes(rank, world)
-    timeline = pipeline_timelines(rank, world, micro_counts=(4,), batch=8, length=32, n_embd=64)
+    timeline = pipeline_timelines(rank, world, micro_counts=(4,), batch=16, length=64, n_embd=128)
     out["timeline"] = timeline[4]
     return out
