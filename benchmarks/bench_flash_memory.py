@@ -1,5 +1,6 @@
-"""Peak extra memory of attention at T = 8192, D = 64, one head: naive vs tiled (FlashAttention) vs
-PyTorch's fused kernel, measured in one run with llmlab.flash_attention.measure_peak_memory.
+"""Peak extra memory of attention at T = 8192, D = 64, one head: naive (llmlab.attention's
+from-scratch scaled_dot_product_attention) vs tiled (FlashAttention) vs PyTorch's fused kernel,
+measured in one run with llmlab.flash_attention.measure_peak_memory.
 
 "Extra" is everything allocated while the call runs (score/probability matrices, tiles, the output,
 the log-sum-exp), above what was allocated before it (q, k, v). The claim checked: the tiled
@@ -21,7 +22,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llmlab.flash_attention import FlashConfig, flash_attention_forward, measure_peak_memory, naive_attention
+from llmlab.attention import scaled_dot_product_attention
+from llmlab.flash_attention import FlashConfig, flash_attention_forward, measure_peak_memory
 from llmlab.notebook import format_seconds, time_call
 
 MAX_RATIO = 0.1  # tiled peak / naive peak must not exceed this
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return flash_attention_forward(q, k, v, config=config).output  # (B, H, T, D)
 
     runs = {
-        "naive (materialises T x T)": lambda: naive_attention(q, k, v),
+        "naive (materialises T x T)": lambda: scaled_dot_product_attention(q, k, v),  # llmlab.attention
         f"tiled flash ({args.block}x{args.block} tiles)": tiled,
         "torch fused sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
     }

@@ -36,7 +36,7 @@ from torch import nn
 from llmlab.positional import alibi_bias, apply_rope, rope_cos_sin
 from llmlab.shapes import check_choice, check_float, check_int, check_tensor
 
-ATTENTION_IMPLS = ("sdpa", "manual")
+ATTENTION_IMPLS = ("sdpa", "manual", "flash")
 ATTENTION_POSITIONS = ("rope", "alibi", "none")
 
 
@@ -126,20 +126,31 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> int:
-    """Validate (B, H, T, D) / (B, K, S, D) inputs; return n_rep = H / K."""
+def _check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False, is_causal: bool = False
+) -> int:
+    """Validate q (B, H, T, D), k and v (B, K, S, D) for the attention kernels of this module and of
+    ``llmlab.flash_attention``; return n_rep = G = H / K (query heads per key/value head)."""
     check_tensor("q", q, ndim=4, layout="(B, H, T, D)")
     check_tensor("k", k, ndim=4, layout="(B, K, S, D)")
     check_tensor("v", v, ndim=4, layout="(B, K, S, D)")
+    if not (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype):
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, K, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch B and head dim D")
+    if min(q.shape[2], k.shape[2], q.shape[-1]) < 1:
+        raise ValueError(f"T, S and D must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     h, kv = q.shape[1], k.shape[1]
     if h != kv and not enable_gqa:
         raise ValueError(f"q has {h} heads but k/v have {kv}; pass enable_gqa=True for grouped-query attention")
     if h % kv:
         raise ValueError(f"the number of query heads H={h} must be a multiple of key/value heads K={kv}")
+    if is_causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"is_causal needs T <= S (queries are the last T of S positions), got T={q.shape[2]} > S={k.shape[2]}"
+        )
     return h // kv
 
 
@@ -170,7 +181,7 @@ def attention_probs(
 
     q (B, H, T, D), k (B, K, S, D) -> probabilities (B, H, T, S).
     """
-    n_rep = _check_qkv(q, k, k, enable_gqa)
+    n_rep = _check_qkv(q, k, k, enable_gqa, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale  # 1/sqrt(d_k): keeps logits at unit variance
     k = repeat_kv(k, n_rep)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
@@ -202,7 +213,7 @@ def scaled_dot_product_attention(
     >>> scaled_dot_product_attention(q, k, v, is_causal=True).shape
     torch.Size([1, 2, 5, 8])
     """
-    n_rep = _check_qkv(q, k, v, enable_gqa)
+    n_rep = _check_qkv(q, k, v, enable_gqa, is_causal)
     probs = attention_probs(q, k, mask, is_causal, scale, enable_gqa)  # (B, H, T, S)
     return probs @ repeat_kv(v, n_rep)  # (B, H, T, D)
 
@@ -356,6 +367,9 @@ class Attention(nn.Module):
             raise ValueError(f"n_head must be a multiple of n_kv_head, got n_head={n_head}, n_kv_head={n_kv_head}")
         check_choice("position", position, ATTENTION_POSITIONS)
         check_choice("impl", impl, ATTENTION_IMPLS)
+        if impl == "flash" and position == "alibi":
+            raise ValueError("impl='flash' takes no attention bias, so it cannot run position='alibi'; "
+                             "use impl='sdpa' or 'manual'")
         self.head_dim = n_embd // n_head
         self.position, self.impl = position, impl
         self.rope_base = check_float("rope_base", rope_base, low=0.0, low_open=True)
@@ -426,6 +440,8 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, mask, is_causal, return_probs):
         """Run the chosen kernel on q (B, H, T, D), k/v (B, K, S, D) -> ((B, H, T, D), probs or None)."""
+        if self.impl == "flash" and not return_probs:
+            return self._flash(q, k, v, mask, is_causal), None
         bias, causal = self._mask(mask, is_causal, q.shape[2], k.shape[2], q.device, q.dtype)
         n_rep = self.n_head // self.n_kv_head
         p_drop = self.dropout if self.training else 0.0
@@ -440,3 +456,15 @@ class Attention(nn.Module):
             live = torch.isfinite(bias).any(dim=-1, keepdim=True)  # (..., T, 1)
             out = torch.where(live, out, 0.0)  # (B, H, T, D)
         return out, None
+
+    def _flash(self, q, k, v, mask, is_causal):
+        """llmlab.flash_attention's tiled kernel (its own backward pass): causal or unmasked only."""
+        from llmlab.flash_attention import flash_attention  # flash_attention builds on this module
+
+        if mask is not None:
+            raise ValueError("impl='flash' supports the causal mask only, got an attention mask (padding or "
+                             "custom); use impl='sdpa' or 'manual'")
+        if self.training and self.dropout > 0:
+            raise ValueError(f"impl='flash' has no attention dropout, got dropout={self.dropout} in training mode")
+        # Queries are the last T of S positions (cached decoding), the kernel's convention as well.
+        return flash_attention(q, k, v, is_causal=is_causal and q.shape[2] > 1, enable_gqa=True)  # (B, H, T, D)

@@ -12,8 +12,8 @@ What it implements
   between slow memory (HBM) and the tile buffers (SRAM) as a GPU kernel would.
 - ``flash_attention_backward`` and ``flash_attention`` (autograd): the recomputation backward pass
   of FlashAttention-2 (Algorithm 2): P is rebuilt tile by tile from Q, K and L, never stored.
-- ``naive_attention``: the standard algorithm that materialises the (T, S) score and probability
-  matrices, for comparison.
+- The standard algorithm that materialises the (T, S) score and probability matrices, for
+  comparison, is ``llmlab.attention.scaled_dot_product_attention``.
 - Counting helpers: ``attention_flops`` (4 T S D per head), ``hbm_traffic_standard`` and
   ``hbm_traffic_flash`` (the IO analysis of the FlashAttention paper, section 3.2, counted for this
   module's FlashAttention-2 loop order; the paper's Theorem 2 is for its K/V-outer loop), and
@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmlab.attention import _check_qkv
 from llmlab.memory import measure_peak_memory  # noqa: F401  (re-exported)
 from llmlab.shapes import check_int, check_tensor
 
@@ -134,31 +135,6 @@ def online_softmax(chunks: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.
 # Checks shared by the entry points
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, enable_gqa: bool) -> int:
-    """Validate (B, H, T, D) / (B, K, S, D) inputs; return the group size G = H / K."""
-    check_tensor("q", q, ndim=4, layout="(B, H, T, D)")
-    check_tensor("k", k, ndim=4, layout="(B, K, S, D)")
-    check_tensor("v", v, ndim=4, layout="(B, K, S, D)")
-    if not (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype):
-        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, K, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch B and head dim D")
-    if min(q.shape[2], k.shape[2], q.shape[-1]) < 1:
-        raise ValueError(f"T, S and D must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    h, kv = q.shape[1], k.shape[1]
-    if h != kv and not enable_gqa:
-        raise ValueError(f"q has {h} heads but k/v have {kv}; pass enable_gqa=True for grouped-query attention")
-    if h % kv:
-        raise ValueError(f"the number of query heads H={h} must be a multiple of key/value heads K={kv}")
-    if is_causal and q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"is_causal needs T <= S (queries are the last T of S positions), got T={q.shape[2]} > S={k.shape[2]}"
-        )
-    return h // kv
-
-
 def _scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)  # 1/sqrt(D) keeps the logits at unit variance
@@ -178,37 +154,6 @@ def _check_config(config: FlashConfig | None) -> FlashConfig:
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulate half precision in float32, as the CUDA kernels do."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ----------------------------------------------------------------------------------------------
-# The standard algorithm
-
-
-def naive_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """softmax(q k^T * scale) v with the full (T, S) score and probability matrices in memory.
-
-    q (B, H, T, D), k and v (B, K, S, D) -> (B, H, T, D).
-
-    >>> naive_attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)).shape
-    torch.Size([1, 2, 5, 8])
-    """
-    group = _check_qkv(q, k, v, is_causal, enable_gqa)
-    scale = _scale(scale, q.shape[-1])
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D) each
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S): the matrix FlashAttention never stores
-    if is_causal:
-        t, s = scores.shape[-2:]
-        visible = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)  # (T, S)
-        scores = scores.masked_fill(~visible, float("-inf"))  # (B, H, T, S)
-    probs = torch.softmax(scores, dim=-1)  # (B, H, T, S)
-    return probs @ v  # (B, H, T, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +228,7 @@ def flash_attention_forward(
     >>> res.output.shape, res.stats.tiles_skipped
     (torch.Size([1, 2, 100, 16]), 42)
     """
-    group = _check_qkv(q, k, v, is_causal, enable_gqa)
+    group = _check_qkv(q, k, v, enable_gqa, is_causal)
     config = _check_config(config)
     scale = _scale(scale, q.shape[-1])
     b, h, t, d = q.shape
@@ -367,7 +312,7 @@ def flash_attention_backward(
 
     q, out, grad_out (B, H, T, D); k, v (B, K, S, D); lse (B, H, T) -> dq (B, H, T, D), dk, dv (B, K, S, D).
     """
-    group = _check_qkv(q, k, v, is_causal, enable_gqa=True)
+    group = _check_qkv(q, k, v, enable_gqa=True, is_causal=is_causal)
     config = _check_config(config)
     for name, x, shape in (("out", out, q.shape), ("grad_out", grad_out, q.shape), ("lse", lse, q.shape[:3])):
         check_tensor(name, x)

@@ -74,7 +74,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # lm_head shares the embed_tokens matrix (GPT-2: True)
     dropout: float = 0.0  # dropout on attention probabilities and residual branches
     norm_eps: float = 1e-5  # epsilon inside the norms
-    attn_impl: str = "sdpa"  # "sdpa" (fused PyTorch kernel) | "manual" (llmlab's from-scratch path)
+    # "sdpa" (fused PyTorch kernel) | "manual" (llmlab's from-scratch path) | "flash" (llmlab.flash_attention's
+    # tiled kernel and its recomputation backward: causal mask only, no padding mask, ALiBi or attention dropout)
+    attn_impl: str = "sdpa"
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
 
     def __post_init__(self) -> None:
@@ -100,6 +102,8 @@ class ModelConfig:
         check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         check_choice("ffn", self.ffn, FFNS)
         check_choice("attn_impl", self.attn_impl, ATTENTION_IMPLS)
+        if self.attn_impl == "flash" and self.position == "alibi":
+            raise ValueError("attn_impl='flash' takes no attention bias, so it cannot run position='alibi'")
         self._check_floats()
 
     def _check_floats(self) -> None:

@@ -237,7 +237,7 @@ def test_attention_bad_arguments():
     with pytest.raises(ValueError, match="n_embd must be divisible by n_head"):
         Attention(30, 4)
     with pytest.raises(ValueError, match="impl must be one of"):
-        Attention(32, 4, impl="flash")
+        Attention(32, 4, impl="xformers")  # "flash" is llmlab.flash_attention now
     with pytest.raises(ValueError, match="x must have C=32"):
         Attention(32, 4)(torch.randn(1, 3, 16))
 

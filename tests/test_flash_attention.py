@@ -20,7 +20,6 @@ from llmlab.flash_attention import (
     hbm_traffic_flash,
     hbm_traffic_standard,
     measure_peak_memory,
-    naive_attention,
     online_softmax,
 )
 
@@ -106,10 +105,10 @@ def test_lse_is_logsumexp_of_scaled_scores_and_custom_scale():
     torch.testing.assert_close(res.output, expected, **TOL[torch.float64])
 
 
-def test_naive_attention_equals_torch_sdpa():
+def test_reference_attention_equals_torch_sdpa_with_gqa_and_causal_mask():
     q, k, v = qkv(2, 4, 2, 17, 17, 8, torch.float64)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    torch.testing.assert_close(naive_attention(q, k, v, is_causal=True, enable_gqa=True), expected)
+    torch.testing.assert_close(reference_attention(q, k, v, is_causal=True, enable_gqa=True), expected)
 
 
 def test_half_precision_accumulates_in_float32():
@@ -164,7 +163,7 @@ def counted_flops(fn):
 def test_tiled_and_naive_run_the_same_matmul_flops(h, kv, t, s):
     q, k, v = qkv(2, h, kv, t, s, 16)
     cfg, gqa = FlashConfig(32, 16), h != kv
-    naive = counted_flops(lambda: naive_attention(q, k, v, enable_gqa=gqa))
+    naive = counted_flops(lambda: reference_attention(q, k, v, enable_gqa=gqa))
     tiled = counted_flops(lambda: flash_attention_forward(q, k, v, enable_gqa=gqa, config=cfg))
     expanded = (2, h, s, 16)  # the formula counts every query head against its (shared) k/v head
     assert tiled == naive == sdpa_flop_count(q.shape, expanded, expanded) == 4 * t * s * 16 * 2 * h
@@ -180,7 +179,7 @@ def test_causal_flops_counted_by_torch_equal_the_computed_tiles():
 
 def test_backward_recomputes_one_extra_qk_product():
     flops, tiled = {}, functools.partial(flash_attention, config=FlashConfig(16, 16))
-    for name, fn in (("naive", naive_attention), ("flash", tiled)):
+    for name, fn in (("naive", reference_attention), ("flash", tiled)):
         q, k, v = (x.requires_grad_() for x in qkv(1, 2, 2, 48, 48, 8))
         flops[name] = counted_flops(lambda: fn(q, k, v).sum().backward())  # noqa: B023
     unit = 48 * 48 * 8 * 2  # T S D per head, 2 heads
@@ -216,7 +215,7 @@ def test_tiled_memory_is_linear_naive_memory_is_quadratic():
     for t in (256, 512):
         q, k, v = qkv(1, 1, 1, t, t, d)
         peaks[t] = (
-            measure_peak_memory(lambda: naive_attention(q, k, v))[1],  # noqa: B023
+            measure_peak_memory(lambda: reference_attention(q, k, v))[1],  # noqa: B023
             measure_peak_memory(lambda: flash_attention_forward(q, k, v, config=cfg).output)[1],  # noqa: B023
         )
     assert 3.5 < peaks[512][0] / peaks[256][0] <= 4.0  # scores and probabilities: T^2

@@ -331,3 +331,46 @@ def test_token_id_range_checked_on_cpu():
     model = make(TINY)
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, 61\), got values in \[0, 61\]"):
         model(torch.tensor([[0, V]]))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mqa", "learned_gpt2", "moe"])
+def test_flash_equals_sdpa_and_manual_forward_and_backward(name):
+    models = {impl: make(replace(VARIANTS[name], attn_impl=impl, block_size=80)).double().train() for impl in
+              ("sdpa", "manual", "flash")}
+    for m in models.values():
+        m.load_state_dict(models["sdpa"].state_dict())
+    x = ids(t=70)  # two query and two key tiles of the default 64 (one skipped: causal)
+    grads = {}
+    for impl, m in models.items():
+        out = m(x, targets=x)
+        out.loss.backward()
+        grads[impl] = (out.logits.detach(), {n: p.grad for n, p in m.named_parameters()})
+    for impl in ("sdpa", "manual"):
+        torch.testing.assert_close(grads["flash"][0], grads[impl][0], rtol=1e-10, atol=1e-10)
+        for n, g in grads[impl][1].items():
+            torch.testing.assert_close(grads["flash"][1][n], g, rtol=1e-9, atol=1e-10, msg=n)
+    wq = "model.layers.0.self_attn.q_proj.weight"
+    assert grads["flash"][1][wq].abs().max() > 1e-6  # attention's gradient reached q_proj
+
+
+def test_flash_runs_cached_decoding_and_names_what_it_cannot_do():
+    from llmlab.attention import Attention
+
+    sdpa = make(TINY)
+    flash = make(replace(TINY, attn_impl="flash"))
+    flash.load_state_dict(sdpa.state_dict())
+    x = ids(b=2, t=12)
+    with torch.no_grad():
+        cache = flash.new_cache()
+        steps = [flash(x[:, :5], cache=cache).logits, flash(x[:, 5:9], cache=cache).logits]  # T < S
+        steps += [flash(x[:, i : i + 1], cache=cache).logits for i in range(9, 12)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), sdpa(x).logits, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="impl='flash' supports the causal mask only"):
+            flash(x, attention_mask=torch.ones(2, 12))
+    with pytest.raises(ValueError, match="attn_impl='flash' takes no attention bias"):
+        replace(TINY, attn_impl="flash", position="alibi")
+    with pytest.raises(ValueError, match="impl='flash' takes no attention bias"):
+        Attention(32, 4, impl="flash", position="alibi")
+    dropping = make(replace(TINY, attn_impl="flash", dropout=0.1)).train()
+    with pytest.raises(ValueError, match="impl='flash' has no attention dropout, got dropout=0.1"):
+        dropping(x)
