@@ -6,7 +6,8 @@ row-parallel (down_proj keeps F/N input columns), attention is split by heads (H
 K/N key/value heads per rank, o_proj split by its input columns). Each sublayer needs one
 all-reduce in the forward pass (``g``) and one in the backward pass (``f``, for the input
 gradient). What it leaves out: sequence parallelism, vocabulary-parallel embeddings, biases on the
-row-parallel projections, 1F1B and interleaved pipeline schedules.
+row-parallel projections, the interleaved pipeline schedule. ``one_f_one_b_step`` is the 1F1B
+(PipeDream-Flush) schedule of Narayanan et al. 2021 (arXiv:2104.04473).
 Reference: Megatron-LM ``megatron/core/tensor_parallel/layers.py``.
 """
 
@@ -21,7 +22,8 @@ from torch import nn
 from llmlab.attention import Attention
 from llmlab.ffn import SwiGLUMLP
 
-__all__ = ["PipelineStage", "TensorParallelAttention", "TensorParallelMLP", "bubble_fraction", "gpipe_step"]
+__all__ = ["PipelineStage", "TensorParallelAttention", "TensorParallelMLP", "bubble_fraction", "gpipe_step",
+           "one_f_one_b_step"]
 
 
 def _dist():
@@ -212,6 +214,68 @@ def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Ten
         if not stage.first:
             dist.send(ins[i].grad, rank - 1)
     return loss, timeline
+
+
+def one_f_one_b_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Tensor, n_micro: int):
+    """One 1F1B step (PipeDream-Flush; Narayanan et al. 2021): stage r of p runs min(p - r - 1, m)
+    warm-up forwards, then alternates one forward and one backward, then drains the backwards.
+    Same loss and gradients as ``gpipe_step``, and the same bubble, but a stage holds at most
+    p - r micro-batches' activations at once instead of m. Sends are non-blocking (``isend``), so
+    the interleaved sends and receives of neighbours cannot deadlock.
+    Returns (loss on the last rank else None, timeline, peak number of micro-batches in flight)."""
+    import torch.nn.functional as F
+
+    b, t = input_ids.shape
+    if n_micro < 1 or b % n_micro:
+        raise ValueError(f"n_micro must divide the batch size {b}, got {n_micro}")
+    dist = _dist()
+    rank, p = dist.get_rank(), dist.get_world_size()
+    mb, c = b // n_micro, stage.config.n_embd
+    pending, sends, timeline, loss, peak = {}, [], [], None, 0
+
+    def forward(i):
+        nonlocal loss, peak
+        if stage.first:
+            h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
+        else:
+            h_in = torch.empty(mb, t, c)
+            dist.recv(h_in, rank - 1)
+            h_in.requires_grad_(True)
+        start = time.perf_counter()
+        out = stage(h_in)
+        if stage.last:
+            y = targets[i * mb:(i + 1) * mb]  # (b, T)
+            out = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100) / n_micro
+            loss = out.detach() if loss is None else loss + out.detach()
+        timeline.append(("F", i, start, time.perf_counter()))
+        if not stage.last:
+            sends.append(dist.isend(out.detach(), rank + 1))
+        pending[i] = (h_in, out)
+        peak = max(peak, len(pending))
+
+    def backward(i):
+        h_in, out = pending.pop(i)
+        grad = None
+        if not stage.last:
+            grad = torch.empty(mb, t, c)
+            dist.recv(grad, rank + 1)
+        start = time.perf_counter()
+        out.backward(grad)
+        timeline.append(("B", i, start, time.perf_counter()))
+        if not stage.first:
+            sends.append(dist.isend(h_in.grad, rank - 1))
+
+    warmup = min(p - rank - 1, n_micro)
+    for i in range(warmup):
+        forward(i)
+    for i in range(n_micro - warmup):  # steady state: one forward, one backward
+        forward(warmup + i)
+        backward(i)
+    for i in range(n_micro - warmup, n_micro):  # drain
+        backward(i)
+    for req in sends:
+        req.wait()
+    return loss, timeline, peak
 
 
 def bubble_fraction(timeline) -> float:

@@ -66,7 +66,7 @@ def test_tensor_parallel_uneven_split_names_argument():
 
 def _pp_worker(rank, world):
     from llmlab.model import LLM, ModelConfig
-    from llmlab.parallel import PipelineStage, bubble_fraction, gpipe_step
+    from llmlab.parallel import PipelineStage, bubble_fraction, gpipe_step, one_f_one_b_step
 
     torch.manual_seed(0)
     cfg = ModelConfig.tiny(vocab_size=64)
@@ -83,17 +83,36 @@ def _pp_worker(rank, world):
         if p.grad is not None:
             grad = max(grad, (p.grad - names[name].grad).abs().max().item())
     n_with_grad = sum(p.grad is not None for p in stage_model.parameters())
+    # 1F1B on a fresh copy: same loss and gradients, at most (world - rank) micro-batches in flight
+    model_1f1b = copy.deepcopy(full)
+    model_1f1b.zero_grad(set_to_none=True)
+    loss_1f1b, timeline_1f1b, peak = one_f_one_b_step(PipelineStage(model_1f1b, world, rank), x[:, :-1],
+                                                      x[:, 1:], n_micro=4)
+    grad_1f1b = 0.0
+    for name, p in model_1f1b.named_parameters():
+        if p.grad is not None:
+            grad_1f1b = max(grad_1f1b, (p.grad - names[name].grad).abs().max().item())
     return {"loss": None if loss is None else abs(loss.item() - ref.item()), "grad": grad,
-            "n_with_grad": n_with_grad, "bubble": bubble_fraction(timeline), "events": len(timeline)}
+            "n_with_grad": n_with_grad, "bubble": bubble_fraction(timeline), "events": len(timeline),
+            "loss_1f1b": None if loss_1f1b is None else abs(loss_1f1b.item() - ref.item()),
+            "grad_1f1b": grad_1f1b, "peak_1f1b": peak,
+            "order_1f1b": [e[:2] for e in timeline_1f1b]}
 
 
-def test_gpipe_equals_unsharded():
+def test_gpipe_and_1f1b_equal_unsharded():
     out = D.launch(_pp_worker, 2, timeout=90.0)
     assert out[0]["loss"] is None and out[1]["loss"] < 1e-6
     for o in out:
         assert o["grad"] < 1e-6 and o["n_with_grad"] > 0 and o["events"] == 8
         assert 0.0 <= o["bubble"] < 1.0
     assert out[0]["n_with_grad"] == 1 + 2 * 9 and out[1]["n_with_grad"] == 2 * 9 + 2  # embed / norm, head
+    # 1F1B: same loss and gradients; rank 0 holds 2 micro-batches at most (GPipe: all 4)
+    assert out[0]["loss_1f1b"] is None and out[1]["loss_1f1b"] < 1e-6
+    assert all(o["grad_1f1b"] < 1e-6 for o in out)
+    assert [o["peak_1f1b"] for o in out] == [2, 1]
+    assert out[1]["order_1f1b"] == [(k, i) for i in range(4) for k in "FB"]
+    assert out[0]["order_1f1b"] == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2),
+                                    ("B", 3)]
 
 
 def test_pipeline_bad_arguments_name_them():
