@@ -17,6 +17,8 @@ transformers 5 as two stacked tensors, ``experts.gate_up_proj`` (E, 2F, C) and
 ``experts.down_proj`` (E, C, F); transformers 4 used ``block_sparse_moe.experts.{e}.w1/w2/w3``.
 Both layouts are read and written.
 
+Reference implementation: transformers' ``modeling_llama``, ``modeling_mixtral`` and
+``modeling_gpt2`` (parameter names and layouts); the tests compare logits and losses with them.
 What it leaves out: other families (Mistral's sliding window, Qwen, Gemma), RoPE scaling
 configs, and loading from the Hub (pass an already loaded model).
 """

@@ -13,9 +13,10 @@ What it implements
   checkpoint's character vocabulary (which has no digits, no "z" and only some capital letters), so
   the shipped tokenizer encodes the recipes without an unknown-character token; the tests check it.
 
-Like ``generate_corpus`` it uses only a ``random.Random(seed)`` and fixed-order word tuples, so a seed
-gives the same text on every machine. What it leaves out: anything a real cookbook needs (weights,
-temperatures in digits, timings that make sense for the dish).
+It is built like ``llmlab.data.generate_corpus`` (rule-written stories in the spirit of TinyStories,
+Eldan and Li 2023). Like ``generate_corpus`` it uses only a ``random.Random(seed)`` and fixed-order
+word tuples, so a seed gives the same text on every machine. What it leaves out: anything a real
+cookbook needs (weights, temperatures in digits, timings that make sense for the dish).
 """
 
 from __future__ import annotations

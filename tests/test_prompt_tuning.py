@@ -125,10 +125,17 @@ def test_llmlab_prefix_model_with_padding_mask_and_targets():
     base = tiny_llmlab()
     model = PrefixModel(base, PrefixConfig.prefix_tuning(N))
     out = model(IDS, attention_mask=MASK, targets=IDS)
-    assert out.logits.shape == (2, 7, 64) and torch.isfinite(out.loss)
+    assert out.logits.shape == (2, 7, 64)
+    # targets are per position (llmlab's convention, no shift): the loss is the mean cross-entropy
+    expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 64), IDS.reshape(-1))
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=0)
     out.loss.backward()
-    assert all(p.grad is not None for p in model.prompt_encoder.parameters())
+    assert all(p.grad.abs().max() > 0 for p in model.prompt_encoder.parameters())
     assert all(p.grad is None for p in base.parameters())
+    with torch.no_grad():  # the gradient points downhill: a small step against it lowers the loss
+        for p in model.prompt_encoder.parameters():
+            p -= 1e-2 * p.grad
+        assert model(IDS, attention_mask=MASK, targets=IDS).loss < out.loss
 
 
 def test_collapsing_the_prefix_mlp_changes_nothing():
@@ -249,4 +256,5 @@ def test_prefixes_follow_a_half_precision_model():
     out = model(IDS, labels=IDS)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
-    assert model.prompt_encoder.embedding.weight.grad is not None
+    grad = model.prompt_encoder.embedding.weight.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().max() > 0

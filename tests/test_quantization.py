@@ -142,8 +142,16 @@ def test_qlora_layer_at_init_equals_the_quantized_base_and_trains_only_lora():
     torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
     nn.init.normal_(layer.lora_B.weight)
     layer(x).sum().backward()
-    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
-    assert x.grad is not None  # the gradient flows through the frozen 4-bit weight into the input
+    # the same gradients as a dense layer holding the dequantized weight plus s B A, by autograd
+    w = layer.base_layer.dequantized_weight().detach()  # (out, in)
+    a = layer.lora_A.weight.detach().clone().requires_grad_(True)  # (R, in)
+    b = layer.lora_B.weight.detach().clone().requires_grad_(True)  # (out, R)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (x_ref @ w.T + linear.bias + layer.scaling * (x_ref @ a.T) @ b.T).sum().backward()
+    torch.testing.assert_close(layer.lora_A.weight.grad, a.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_B.weight.grad, b.grad, rtol=1e-5, atol=1e-6)
+    # the gradient flows through the frozen 4-bit weight into the input
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     assert {n for n, p in layer.named_parameters() if p.requires_grad} == {"lora_A.weight", "lora_B.weight"}
 
 
