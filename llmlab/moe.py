@@ -17,8 +17,19 @@ What it implements
   the token still passes through the residual connection) and counted.
 - ``MoEStats``: per-layer router logits, assignments per expert and dropped assignments.
 
-What it leaves out: router z-loss, jitter noise, shared experts (DeepSeekMoE), expert
-parallelism, and fused grouped-GEMM kernels (experts run in a Python loop).
+- DeepSeek-style MoE (``DeepSeekMoE``, ``deepseek_route``): fine-grained routed experts plus
+  shared experts every token passes through (DeepSeekMoE, Dai et al. 2024); DeepSeek-V3's router
+  (DeepSeek-AI 2024, arXiv:2412.19437, section 2.1.2): sigmoid affinities s, top-k chosen on s + b
+  within the best ``topk_group`` of ``n_group`` expert groups (group score = sum of its two best
+  s + b), gates = the chosen s (not s + b), normalized to sum to one and scaled by
+  ``routed_scaling_factor``; equal to transformers' ``DeepseekV3MoE`` (``deepseek_state_from_hf``
+  converts its stacked expert weights). The per-expert bias b is the auxiliary-loss-free
+  balancing: it only steers the choice, and ``update_routing_bias`` moves it by gamma against each
+  expert's load after every step (b_e += gamma * sign(mean load - load_e)).
+  ``sequence_balance_loss`` is V3's complementary sequence-wise auxiliary loss.
+
+What it leaves out: router z-loss, jitter noise, expert parallelism, node-limited routing, and
+fused grouped-GEMM kernels (experts run in a Python loop).
 """
 
 from __future__ import annotations
@@ -186,3 +197,130 @@ class SparseMoE(nn.Module):
             y = y * weights[token_idx, slot, None].to(y.dtype)  # (n_e, C)
             out.index_add_(0, token_idx, y)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-style MoE: shared + fine-grained routed experts, bias-based (auxiliary-loss-free) balancing
+
+
+def deepseek_route(
+    router_logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing: router logits (N, E), bias (E,) -> (gates (N, k), expert indices (N, k)).
+
+    >>> g, idx = deepseek_route(torch.tensor([[0.0, 2.0, 1.0, -1.0]]), torch.zeros(4), top_k=2)
+    >>> sorted(idx[0].tolist()), round(float(g.sum()), 4)
+    ([1, 2], 1.0)
+    """
+    check_tensor("router_logits", router_logits, ndim=2, layout="(N, E)")
+    n, e = router_logits.shape
+    check_tensor("bias", bias, ndim=1, layout="(E,)")
+    if bias.shape[0] != e:
+        raise ValueError(f"bias must have E={e} entries, got {bias.shape[0]}")
+    top_k, n_group, topk_group = (check_int(k, v, minimum=1) for k, v in
+                                  (("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)))
+    if e % n_group or topk_group > n_group or top_k > topk_group * (e // n_group):
+        raise ValueError(f"need E={e} divisible by n_group={n_group}, topk_group <= n_group and top_k <= "
+                         f"topk_group * E / n_group, got topk_group={topk_group}, top_k={top_k}")
+    scores = torch.sigmoid(router_logits.float())  # (N, E): affinities s
+    choice = scores + bias.float()  # (N, E): s + b decides, s weighs
+    grouped = choice.view(n, n_group, e // n_group)  # (N, G, E/G)
+    group_score = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)  # (N, G)
+    keep_group = torch.zeros_like(group_score).scatter_(1, group_score.topk(topk_group, dim=-1).indices, 1.0)
+    allowed = keep_group[:, :, None].expand_as(grouped).reshape(n, e).bool()  # (N, E)
+    indices = choice.masked_fill(~allowed, float("-inf")).topk(top_k, dim=-1).indices  # (N, k)
+    gates = scores.gather(1, indices)  # (N, k)
+    if norm_topk_prob:
+        gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+    return gates * routed_scaling_factor, indices
+
+
+def update_routing_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing step: b_e + gamma * sign(mean load - load_e), (E,) -> (E,).
+
+    >>> update_routing_bias(torch.zeros(3), torch.tensor([6, 2, 4]), gamma=0.1).tolist()
+    [-0.10000000149011612, 0.10000000149011612, 0.0]
+    """
+    check_tensor("bias", bias, ndim=1, layout="(E,)")
+    check_tensor("tokens_per_expert", tokens_per_expert, ndim=1, layout="(E,)")
+    gamma = check_float("gamma", gamma, low=0.0)
+    load = tokens_per_expert.float()  # (E,)
+    return bias + gamma * torch.sign(load.mean() - load)
+
+
+def sequence_balance_loss(router_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's balance loss over one sequence's T tokens: sum_e f_e P_e.
+
+    f_e = E / (k T) * (tokens choosing e), P_e = mean over tokens of s_e / sum_j s_j (normalized
+    sigmoid affinities); a balanced router scores 1. router_logits (T, E), indices (T, k).
+    """
+    check_tensor("router_logits", router_logits, ndim=2, layout="(T, E)")
+    check_tensor("indices", indices, ndim=2, layout="(T, k)")
+    t, e = router_logits.shape
+    k = indices.shape[1]
+    s = torch.sigmoid(router_logits.float())  # (T, E)
+    p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=0)  # (E,)
+    f = torch.bincount(indices.reshape(-1), minlength=e).float() * e / (k * t)  # (E,)
+    return (f * p).sum()
+
+
+def max_violation(tokens_per_expert: torch.Tensor) -> float:
+    """MaxVio = max_e load_e / mean load - 1 (DeepSeek-AI 2024, Wang et al. 2024): 0 when balanced."""
+    load = tokens_per_expert.float()  # (E,)
+    return float(load.max() / load.mean() - 1)
+
+
+class DeepSeekMoE(SparseMoE):
+    """Shared experts plus top-k of E fine-grained routed experts: x (B, T, C) -> (y, MoEStats).
+
+    y = shared(x) + sum over chosen e of gate_e(x) expert_e(x). The routing bias lives in the buffer
+    ``gate.e_score_correction_bias`` (transformers' name) and is changed only by
+    ``update_routing_bias``, never by gradients.
+
+    >>> moe = DeepSeekMoE(n_embd=16, hidden=8, n_experts=8, top_k=2, n_shared_experts=1)
+    >>> y, stats = moe(torch.randn(2, 3, 16))
+    >>> y.shape, stats.tokens_per_expert.sum().item()
+    (torch.Size([2, 3, 16]), 12)
+    """
+
+    def __init__(self, n_embd: int, hidden: int, n_experts: int, top_k: int, n_shared_experts: int = 1,
+                 n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                 routed_scaling_factor: float = 1.0) -> None:
+        super().__init__(n_embd, hidden, n_experts, top_k)
+        self.n_group, self.topk_group = n_group, topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+        self.gate.register_buffer("e_score_correction_bias", torch.zeros(n_experts))  # (E,): b
+        n_shared = check_int("n_shared_experts", n_shared_experts, minimum=0)
+        self.shared_experts = SwiGLUMLP(n_embd, hidden * n_shared) if n_shared else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        check_tensor("x", x, ndim=3, layout="(B, T, C)")
+        b, t, c = x.shape
+        flat = x.reshape(b * t, c)  # (N, C)
+        logits = self.gate(flat)  # (N, E)
+        gates, indices = deepseek_route(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
+                                        self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        out = self._run_experts(flat, gates, indices, torch.ones_like(indices, dtype=torch.bool))  # (N, C)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)  # (N, C): every token, no routing
+        counts = torch.bincount(indices.reshape(-1), minlength=self.n_experts)  # (E,)
+        stats = MoEStats(logits, indices, counts, torch.zeros_like(counts), None)
+        return out.view(b, t, c), stats  # (B, T, C)
+
+
+def deepseek_state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers ``DeepseekV3MoE`` state dict -> ``DeepSeekMoE``'s (stacked experts split per expert)."""
+    out = {k: v for k, v in state.items() if not k.startswith("experts.")}
+    gate_up, down = state["experts.gate_up_proj"], state["experts.down_proj"]  # (E, 2F, C), (E, C, F)
+    for e in range(gate_up.shape[0]):
+        gate, up = gate_up[e].chunk(2, dim=0)  # (F, C) each
+        out[f"experts.{e}.gate_proj.weight"] = gate
+        out[f"experts.{e}.up_proj.weight"] = up
+        out[f"experts.{e}.down_proj.weight"] = down[e]
+    return out

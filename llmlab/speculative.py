@@ -145,9 +145,14 @@ class SpeculativeOutput:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / drafted tokens over the whole generation (0.0 when nothing was drafted)."""
-        total = sum(self.drafted)
-        return sum(self.accepted) / total if total else 0.0
+        """Per-token acceptance rate alpha: accepted / verified drafted tokens (0.0 if none).
+
+        A verification stops at its first rejection, so the tokens drafted after it are never
+        tested; they count neither as accepted nor as rejected (Leviathan et al.'s alpha).
+        """
+        rejected = sum(1 for n, k in zip(self.accepted, self.drafted, strict=True) if n < k)
+        tested = sum(self.accepted) + rejected
+        return sum(self.accepted) / tested if tested else 0.0
 
     @property
     def tokens_per_target_call(self) -> float:

@@ -129,3 +129,89 @@ def test_routing_is_per_token_not_per_sequence():
     assert torch.equal(stats_perm.expert_indices, stats.expert_indices[perm])
     alone = torch.cat([ours(x[:, t : t + 1])[0] for t in range(12)], dim=1)  # (1, T, C)
     torch.testing.assert_close(alone, y, **TOL)
+
+
+# --- DeepSeek-style MoE ----------------------------------------------------------------------------
+
+def _hf_deepseek_moe(seed: int = 0):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = DeepseekV3Config(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=2,
+                              num_experts_per_tok=2, n_group=4, topk_group=2, norm_topk_prob=True,
+                              routed_scaling_factor=2.5, vocab_size=32, num_hidden_layers=1)
+    torch.manual_seed(seed)
+    ref = DeepseekV3MoE(config).eval()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    ref.gate.e_score_correction_bias.normal_(std=0.3)
+    return ref
+
+
+def test_deepseek_moe_equals_transformers_deepseek_v3_moe():
+    from llmlab.moe import DeepSeekMoE, deepseek_state_from_hf
+
+    ref = _hf_deepseek_moe()
+    ours = DeepSeekMoE(n_embd=16, hidden=8, n_experts=8, top_k=2, n_shared_experts=2, n_group=4, topk_group=2,
+                       norm_topk_prob=True, routed_scaling_factor=2.5).eval()
+    ours.load_state_dict(deepseek_state_from_hf(ref.state_dict()))
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        _, hf_gates, hf_idx = ref.gate(x)
+        y, stats = ours(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    order = hf_idx.argsort(dim=-1)  # transformers' top-k is unsorted
+    torch.testing.assert_close(stats.expert_indices.sort(dim=-1).values, hf_idx.gather(1, order))
+    # the chosen experts come from the topk_group=2 best of 4 groups only
+    groups = stats.expert_indices // 2  # (N, k): group of each chosen expert
+    assert all(len(set(row)) <= 2 for row in groups.tolist())
+
+
+def test_deepseek_bias_steers_the_choice_but_not_the_gates():
+    from llmlab.moe import deepseek_route
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    gates, idx = deepseek_route(logits, torch.zeros(4), top_k=1, norm_topk_prob=False)
+    assert idx.tolist() == [[0]]
+    gates_b, idx_b = deepseek_route(logits, torch.tensor([0.0, 0.0, 0.0, 5.0]), top_k=1, norm_topk_prob=False)
+    assert idx_b.tolist() == [[3]]
+    torch.testing.assert_close(gates_b, torch.sigmoid(torch.tensor([[-1.0]])))  # s of expert 3, no bias
+
+
+def test_update_routing_bias_balances_a_skewed_router():
+    """With fixed, skewed router logits, repeated bias updates bring MaxVio down."""
+    from llmlab.moe import deepseek_route, max_violation, update_routing_bias
+
+    torch.manual_seed(0)
+    logits = torch.randn(512, 8) + torch.linspace(2.0, -2.0, 8)  # expert 0 is favoured
+    bias = torch.zeros(8)
+    _, idx = deepseek_route(logits, bias, top_k=2)
+    before = max_violation(torch.bincount(idx.reshape(-1), minlength=8))
+    for _ in range(200):
+        _, idx = deepseek_route(logits, bias, top_k=2)
+        bias = update_routing_bias(bias, torch.bincount(idx.reshape(-1), minlength=8), gamma=0.01)
+    after = max_violation(torch.bincount(idx.reshape(-1), minlength=8))
+    assert before > 1.0 and after < 0.25, (before, after)
+
+
+def test_sequence_balance_loss():
+    from llmlab.moe import sequence_balance_loss
+
+    logits = torch.zeros(4, 4)
+    idx = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
+    assert float(sequence_balance_loss(logits, idx)) == pytest.approx(1.0)
+    skewed = torch.tensor([[0, 1]] * 4)  # f = (2, 2, 0, 0)
+    assert float(sequence_balance_loss(logits, skewed)) == pytest.approx(1.0)  # flat P hides it
+    confident = torch.tensor([[3.0, 3.0, -3.0, -3.0]] * 4)  # P follows f: the loss rises toward 2
+    assert 1.8 < float(sequence_balance_loss(confident, skewed)) < 2.0
+
+
+def test_deepseek_errors():
+    from llmlab.moe import deepseek_route, update_routing_bias
+
+    with pytest.raises(ValueError, match="bias must have E=4"):
+        deepseek_route(torch.zeros(2, 4), torch.zeros(3), top_k=1)
+    with pytest.raises(ValueError, match="n_group"):
+        deepseek_route(torch.zeros(2, 6), torch.zeros(6), top_k=1, n_group=4)
+    with pytest.raises(ValueError, match="gamma"):
+        update_routing_bias(torch.zeros(2), torch.ones(2), gamma=-1.0)
