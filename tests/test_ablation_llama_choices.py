@@ -1,14 +1,14 @@
 """Smoke test of scripts/ablation_llama_choices.py (the ablation behind notebook 07) with a tiny budget,
-and a check that the committed result has the layout the notebook reads."""
+and that it writes the layout the notebook reads (the committed result is checked in test_data_files.py)."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from llmlab.model import LLM
-from llmlab.notebook import load_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "ablation_llama_choices.py"
@@ -22,7 +22,6 @@ def _check_layout(result: dict) -> None:
     for runs in result["runs"].values():
         assert len(runs) == len(result["seeds"])
         for run in runs:
-            assert 0.0 < run["heldout_loss"] < 10.0
             assert len(run["train_curve"]) == -(-result["iters"] // result["curve_bin"])
 
 
@@ -44,10 +43,7 @@ def test_binned_means():
 def test_script_runs_and_writes_the_layout_the_notebook_reads(tmp_path):
     out = tmp_path / "result.json"
     ablation.run(iters=2, seeds=1, eval_windows=2, out=out)
-    _check_layout(json.loads(out.read_text()))
-
-
-def test_committed_result_is_complete_and_names_its_command():
-    result = load_result("ablation_llama_choices")
+    result = json.loads(out.read_text())
     _check_layout(result)
-    assert result["command"].startswith("python scripts/ablation_llama_choices.py")
+    for runs in result["runs"].values():  # two steps from a small random init: about the uniform guess ln V
+        assert abs(runs[0]["heldout_loss"] - math.log(result["vocab_size"])) < 0.5

@@ -1,11 +1,13 @@
 """Smoke test of scripts/optimizer_sweep.py (AdamW vs Muon behind notebook 07) with a tiny budget, and a
-check that the committed result has the layout the notebook reads."""
+check that it writes the layout the notebook reads (the committed result: test_data_files.py)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from llmlab.notebook import load_result
+from llmlab.data import generate_corpus
+from llmlab.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # the script imports the ablation's model from its own folder
@@ -18,7 +20,6 @@ def _check_layout(result: dict) -> None:
         assert len(per_seed) == len(result["seeds"])
         for sweep in per_seed:
             assert [r["lr"] for r in sweep] == result["learning_rates"]
-            assert all(0.0 < r["heldout_loss"] < 10.0 for r in sweep)
 
 
 def test_recipes_differ_only_in_the_optimizer_and_its_rate():
@@ -32,11 +33,8 @@ def test_recipes_differ_only_in_the_optimizer_and_its_rate():
 def test_script_runs_and_writes_the_layout_the_notebook_reads(tmp_path):
     out = tmp_path / "result.json"
     optimizer_sweep.run(iters=2, seeds=1, eval_windows=2, out=out)
-    _check_layout(json.loads(out.read_text()))
-
-
-def test_committed_result_is_complete_and_names_its_command():
-    result = load_result("optimizer_sweep")
+    result = json.loads(out.read_text())
     _check_layout(result)
-    assert result["command"].startswith("python scripts/optimizer_sweep.py")
-    assert len(result["seeds"]) >= 3  # notebook 07 ranks the optimizers over at least three seeds
+    uniform = math.log(CharTokenizer.from_text(generate_corpus(300_000, seed=1)).vocab_size)  # the script's corpus
+    for per_seed in result["runs"].values():  # two steps from a small random init: about ln V at any rate
+        assert all(abs(r["heldout_loss"] - uniform) < 0.5 for r in per_seed[0])

@@ -1,13 +1,16 @@
 """Smoke test of scripts/positional_extrapolation.py (the experiment behind notebook 03) with a tiny
-budget, and a check that the committed result has the shape the notebook reads."""
+budget: it writes the shape the notebook reads (the committed result: test_data_files.py)."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
+from llmlab.data import generate_corpus
 from llmlab.notebook import load_result
+from llmlab.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "positional_extrapolation.py"
@@ -22,19 +25,18 @@ def _check_layout(result: dict) -> None:
     expected = {e for e in experiment.ENCODINGS if e != "learned"} | set(experiment.ROPE_SCALINGS)
     assert set(result["loss_by_position"]) == expected
     for curve in result["loss_by_position"].values():
-        assert len(curve) == buckets and all(0.0 < v < 20.0 for v in curve)
+        assert len(curve) == buckets
 
 
 def test_script_runs_and_writes_the_layout_the_notebook_reads(tmp_path):
     out = tmp_path / "result.json"
     experiment.run(iters=2, out=out, corpus_chars=30_000, windows=2)
-    _check_layout(json.loads(out.read_text()))
-
-
-def test_committed_result_is_complete_and_names_its_command():
-    result = load_result("positional_extrapolation")
+    result = json.loads(out.read_text())
     _check_layout(result)
-    assert result["command"].startswith("python scripts/positional_extrapolation.py")
+    uniform = math.log(CharTokenizer.from_text(generate_corpus(30_000, seed=1)).vocab_size)  # the run's corpus
+    for curve in result["loss_by_position"].values():
+        # two steps from a small random init: no worse than the uniform guess ln V, and far from trained
+        assert all(uniform - 1.0 < v < uniform + 0.1 for v in curve)
 
 
 def test_unknown_result_name_is_a_clear_error():
