@@ -1,7 +1,7 @@
 """Data parallelism: gradient all-reduce overlapped with backward (hooks) vs after backward.
 
 Two gloo CPU ranks (one compute thread each) train a 4-layer LLaMA-style model of width 256
-(``llmlab.distributed_demos.tiny_model``, about 3.2 M fp32 parameters, 13 MB of gradients) on
+(``llmlab.distributed_demos.tiny_model``, about 3.4 M fp32 parameters, 14 MB of gradients) on
 4 x 64 tokens per rank. Three ways per step, alternated, best and median of several steps:
 
 - ``backward only``: ``loss.backward()`` with no communication (the compute floor);

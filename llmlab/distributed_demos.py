@@ -7,7 +7,8 @@ functions defined in a notebook cell).
 - ``parallelism_bytes``: data, tensor and pipeline parallelism on the same model: what each rank
   stores and the bytes it hands to ``torch.distributed`` in one training step.
 - ``pipeline_timelines``: GPipe timelines on a shared clock for several micro-batch counts.
-- ``notebook_run``: all three in one launch (each launch costs seconds of process start-up).
+- ``pipeline_schedules``: GPipe vs 1F1B, micro-batches of activations held per rank.
+- ``notebook_run``: all of these in one launch (each launch costs seconds of process start-up).
 
 Models are ``ModelConfig.tiny`` variants (vocabulary 64), batches are random tokens from fixed
 seeds, identical on every rank, each rank taking its slice.
@@ -22,7 +23,8 @@ import torch
 from llmlab.distributed import CommunicationCounter, DataParallel, ZeroMixedPrecision, ring_all_reduce
 from llmlab.model import LLM, ModelConfig
 
-__all__ = ["notebook_run", "parallelism_bytes", "pipeline_timelines", "tiny_model", "zero_stages"]
+__all__ = ["in_flight_peak", "notebook_run", "parallelism_bytes", "pipeline_schedules", "pipeline_timelines",
+           "tiny_model", "zero_stages"]
 
 VOCAB = 64
 
@@ -158,12 +160,38 @@ def pipeline_timelines(rank: int, world: int, micro_counts=(1, 2, 4, 8), batch: 
     return out
 
 
+def in_flight_peak(timeline) -> int:
+    """Most micro-batches whose forward has run and backward has not, over a rank's timeline: the
+    number of micro-batches of activations the stage holds at its peak."""
+    peak = held = 0
+    for kind, *_ in timeline:
+        held += 1 if kind == "F" else -1
+        peak = max(peak, held)
+    return peak
+
+
+def pipeline_schedules(rank: int, world: int, n_micro: int = 8) -> dict:
+    """GPipe and 1F1B on the 4-layer tiny model (batch 8 x 16 tokens, ``n_micro`` micro-batches):
+    each rank's peak micro-batches in flight, event order, and (last rank) the two losses."""
+    from llmlab.parallel import PipelineStage, gpipe_step, one_f_one_b_step
+
+    rows = _batches(1, 8, 16)[0]  # (B, T+1)
+    out = {}
+    for name, step in (("gpipe", gpipe_step), ("1f1b", one_f_one_b_step)):
+        stage = PipelineStage(tiny_model(n_layer=4), world, rank)
+        loss, timeline, *_ = step(stage, rows[:, :-1], rows[:, 1:], n_micro=n_micro)
+        out[name] = {"peak": in_flight_peak(timeline), "order": [e[:2] for e in timeline],
+                     "loss": None if loss is None else loss.item()}
+    return out
+
+
 def notebook_run(rank: int, world: int) -> dict:
     """Everything notebook 15 measures, in one launch of ``world`` ranks (each launch costs seconds
     of process start-up): ZeRO stages on groups of 1, 2, ..., ``world`` ranks (``dist.new_group``:
-    ranks 0-1 and 2-3 form two groups of 2, and so on), DP/TP/PP bytes on all ranks, and one small
-    GPipe timeline (4 micro-batches of 4 x 64 tokens, width 128). Key ``zero`` maps group size to zero_stages' result
-    on the group holding this rank."""
+    ranks 0-1 and 2-3 form two groups of 2, and so on), DP/TP/PP bytes on all ranks, one GPipe
+    timeline (4 micro-batches of 2 x 64 tokens, width 128) and GPipe vs 1F1B
+    (``pipeline_schedules``). Key ``zero`` maps group size to zero_stages' result on the group
+    holding this rank."""
     import torch.distributed as dist
 
     out = {"zero": {}}
@@ -173,6 +201,7 @@ def notebook_run(rank: int, world: int) -> dict:
         out["zero"][n] = zero_stages(rank % n, n, group=groups[rank // n])
         n *= 2
     out["parallel"] = parallelism_bytes(rank, world)
-    timeline = pipeline_timelines(rank, world, micro_counts=(4,), batch=16, length=64, n_embd=128)
+    timeline = pipeline_timelines(rank, world, micro_counts=(4,), batch=8, length=64, n_embd=128)
     out["timeline"] = timeline[4]
+    out["schedules"] = pipeline_schedules(rank, world)
     return out
