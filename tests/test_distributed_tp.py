@@ -126,3 +126,7 @@ def test_pipeline_bad_arguments_name_them():
     x = torch.zeros(3, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="n_micro must divide the batch size 3, got 2"):
         gpipe_step(stage, x, x, n_micro=2)
+    from llmlab.parallel import one_f_one_b_step
+
+    with pytest.raises(ValueError, match="n_micro must divide the batch size 3, got 2"):
+        one_f_one_b_step(stage, x, x, n_micro=2)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llmlab import distributed as D
-from llmlab.distributed_demos import tiny_model, zero_stages
+from llmlab.distributed_demos import in_flight_peak, tiny_model, zero_stages
 
 TIMEOUT = 120.0
 
@@ -198,3 +198,10 @@ def test_single_process_group_and_bad_stage():
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def test_in_flight_peak_counts_forwards_not_yet_backwarded():
+    gpipe = [("F", i, 0, 0) for i in range(4)] + [("B", i, 0, 0) for i in range(4)]
+    one_f_one_b = [("F", 0, 0, 0), ("F", 1, 0, 0), ("B", 0, 0, 0), ("F", 2, 0, 0), ("B", 1, 0, 0),
+                   ("B", 2, 0, 0)]
+    assert in_flight_peak(gpipe) == 4 and in_flight_peak(one_f_one_b) == 2 and in_flight_peak([]) == 0
