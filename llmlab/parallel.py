@@ -80,7 +80,9 @@ class TensorParallelMLP(nn.Module):
         rank, world = dist.get_rank(), dist.get_world_size()
         rows = _split(mlp.gate_proj.out_features, "hidden", world, rank)
         hidden = rows.stop - rows.start
-        self.local = SwiGLUMLP(mlp.gate_proj.in_features, hidden, bias=mlp.gate_proj.bias is not None)
+        w = mlp.gate_proj.weight
+        self.local = SwiGLUMLP(mlp.gate_proj.in_features, hidden, bias=mlp.gate_proj.bias is not None).to(
+            w.device, w.dtype)  # on the original's device (CPU or GPU)
         with torch.no_grad():
             for name in ("gate_proj", "up_proj"):  # column parallel: output rows
                 src, dst = getattr(mlp, name), getattr(self.local, name)
@@ -114,12 +116,14 @@ class TensorParallelAttention(nn.Module):
         with torch.no_grad():
             for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
                 src = getattr(attn, name)
-                lin = nn.Linear(src.in_features, rows.stop - rows.start, bias=src.bias is not None)
+                lin = nn.Linear(src.in_features, rows.stop - rows.start, bias=src.bias is not None,
+                                device=src.weight.device, dtype=src.weight.dtype)
                 lin.weight.copy_(src.weight[rows])  # (heads/N * D, C)
                 if src.bias is not None:
                     lin.bias.copy_(src.bias[rows])
                 setattr(local, name, lin)
-            o = nn.Linear(q_rows.stop - q_rows.start, attn.n_embd, bias=False)
+            o = nn.Linear(q_rows.stop - q_rows.start, attn.n_embd, bias=False,
+                          device=attn.o_proj.weight.device, dtype=attn.o_proj.weight.dtype)
             o.weight.copy_(attn.o_proj.weight[:, q_rows])  # (C, H/N * D)
             local.o_proj = o
         self.local = local
@@ -184,12 +188,14 @@ def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Ten
     dist = _dist()
     rank = dist.get_rank()
     mb, c = b // n_micro, stage.config.n_embd
+    w = next(stage.parameters())
+    like = {"device": w.device, "dtype": w.dtype}  # received tensors live where the stage does
     ins, outs, timeline, loss = [], [], [], None
     for i in range(n_micro):
         if stage.first:
             h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
         else:
-            h_in = torch.empty(mb, t, c)
+            h_in = torch.empty(mb, t, c, **like)
             dist.recv(h_in, rank - 1)
             h_in.requires_grad_(True)
         start = time.perf_counter()
@@ -206,7 +212,7 @@ def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Ten
     for i in range(n_micro):
         grad = None
         if not stage.last:
-            grad = torch.empty(mb, t, c)
+            grad = torch.empty(mb, t, c, **like)
             dist.recv(grad, rank + 1)
         start = time.perf_counter()
         outs[i].backward(grad)
@@ -231,6 +237,8 @@ def one_f_one_b_step(stage: PipelineStage, input_ids: torch.Tensor, targets: tor
     dist = _dist()
     rank, p = dist.get_rank(), dist.get_world_size()
     mb, c = b // n_micro, stage.config.n_embd
+    w = next(stage.parameters())
+    like = {"device": w.device, "dtype": w.dtype}  # received tensors live where the stage does
     pending, sends, timeline, loss, peak = {}, [], [], None, 0
 
     def forward(i):
@@ -238,7 +246,7 @@ def one_f_one_b_step(stage: PipelineStage, input_ids: torch.Tensor, targets: tor
         if stage.first:
             h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
         else:
-            h_in = torch.empty(mb, t, c)
+            h_in = torch.empty(mb, t, c, **like)
             dist.recv(h_in, rank - 1)
             h_in.requires_grad_(True)
         start = time.perf_counter()
@@ -257,7 +265,7 @@ def one_f_one_b_step(stage: PipelineStage, input_ids: torch.Tensor, targets: tor
         h_in, out = pending.pop(i)
         grad = None
         if not stage.last:
-            grad = torch.empty(mb, t, c)
+            grad = torch.empty(mb, t, c, **like)
             dist.recv(grad, rank + 1)
         start = time.perf_counter()
         out.backward(grad)
