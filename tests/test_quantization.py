@@ -621,6 +621,40 @@ def test_nf4_equals_bitsandbytes_quantize_4bit():
     assert torch.equal(dequantize_nf4(ours), bnbf.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("shape,dtype", [((7, 30), torch.float32), ((96, 128), torch.bfloat16)])
+def test_nf4_equals_bitsandbytes_with_padding_and_in_bfloat16(shape, dtype):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional reference for NF4")
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)  # 210 weights: a padded block
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    ours = quantize_nf4(w, NF4Config.no_double_quant())
+    assert torch.equal(ours.scales, state.absmax.float())
+    n = w.numel()
+    assert torch.equal(unpack_4bit(ours.packed)[:n], unpack_4bit(packed.reshape(-1))[:n])
+    assert torch.equal(dequantize_nf4(ours, dtype), bnbf.dequantize_4bit(packed, state))
+
+
+def test_nf4_double_quantization_against_bitsandbytes():
+    """Same 4-bit codes and the same offset (the mean scale) as bitsandbytes; the 8-bit second level
+    differs on purpose (llmlab: int8 absmax codes, bitsandbytes: its dynamic 8-bit map), so the
+    dequantized scales agree only to within one 8-bit step of each block."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is the optional reference for NF4")
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = quantize_nf4(w, NF4Config.qlora())
+    assert torch.equal(ours.packed, packed.reshape(-1))
+    torch.testing.assert_close(ours.scales.offset, state.offset, rtol=0, atol=0)
+    exact = quantize_nf4(w, NF4Config.no_double_quant()).scales  # the fp32 block absmax
+    theirs = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    step = float(ours.scales.absmax.max()) / 127  # one int8 step of the second-level blocks
+    assert (dequantize_scales(ours.scales) - exact).abs().max() <= step / 2 + 1e-6  # round to nearest
+    assert (theirs - exact).abs().max() <= step  # bitsandbytes' map is finer near 0, coarser near 1
+    assert not torch.equal(dequantize_scales(ours.scales), theirs)
+
+
 # --- real CPU kernels used for the speed comparison ------------------------------------------------
 
 

@@ -50,6 +50,27 @@ def test_lr_warmup_then_cosine():
     assert lr_at(10 + 30, cfg) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+@pytest.mark.parametrize("warmup,max_iters", [(10, 110), (0, 50), (3, 4)])
+def test_lr_equals_transformers_cosine_with_warmup_shifted_by_one_step(warmup, max_iters):
+    """Warm-up convention: transformers' get_cosine_with_min_lr_schedule_with_warmup starts at lr 0
+    (step / warmup); llmlab's step s uses (s + 1) / (warmup + 1), so that no step is wasted at lr 0.
+    llmlab's step s is therefore transformers' step s + 1 of a schedule with warmup + 1 warm-up steps
+    and max_iters + 1 steps in all; the cosine part is the same (from lr down to min_lr)."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=warmup, max_iters=max_iters)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup + 1, max_iters + 1, min_lr=cfg.min_lr)
+    theirs = []
+    for _ in range(max_iters + 2):  # transformers' steps 0 .. max_iters + 1
+        theirs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert theirs[0] == 0.0  # transformers' first step, which llmlab skips
+    ours = [lr_at(s, cfg) for s in range(max_iters + 1)]
+    assert ours == pytest.approx(theirs[1:], rel=1e-12, abs=1e-15)
+
+
 def test_lr_follows_the_time_budget_when_it_is_further_along():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=0, max_iters=1000, max_seconds=10.0)
     assert lr_at(10, cfg, elapsed=5.0) == pytest.approx(1e-4 + 0.5 * 9e-4)
