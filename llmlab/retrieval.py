@@ -34,6 +34,7 @@ answer string reaches the prompt instead).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -50,11 +51,13 @@ from llmlab.shapes import check_float, check_int
 
 __all__ = [
     "BM25", "chunk_fixed", "chunk_recursive", "chunk_sentences", "compress_context", "exact_search",
-    "fine_tune", "info_nce_loss", "load_corpus", "load_minilm", "mrr", "recall_at_k",
-    "reciprocal_rank_fusion", "sentence_window", "simple_tokenize", "split_sentences",
+    "fine_tune", "info_nce_loss", "load_corpus", "load_embeddings", "load_minilm", "mrr", "recall_at_k",
+    "reciprocal_rank_fusion", "sentence_window", "simple_tokenize", "split_sentences", "text_digest",
+    "text_sets",
 ]  # fmt: skip
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpora"
+CHUNKINGS = ((16, 0), (32, 0), (64, 0), (32, 16))  # (words per chunk, overlap) embedded in advance
 _WORD = re.compile(r"\w+")
 
 
@@ -305,7 +308,7 @@ def fine_tune(encoder: SentenceEncoder, queries: Sequence[str], passages: Sequen
     steps = check_int("steps", steps, minimum=1)
     batch_size = min(check_int("batch_size", batch_size, minimum=2), len(queries))
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=lr)
+    opt = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=lr)
     encoder.train()
     losses = []
     for _ in range(steps):
@@ -345,3 +348,43 @@ def load_corpus(name: str = "torch_docs") -> tuple[list[dict], list[dict]]:
             if g not in text or q["answer"] not in text[g]:
                 raise ValueError(f"question {q['id']}: answer {q['answer']!r} is not in gold document {g!r}")
     return docs, questions
+
+
+def text_sets(docs: Sequence[dict], questions: Sequence[dict]) -> dict[str, list[str]]:
+    """The texts scripts/rag_embed.py embeds: name -> texts, in document order.
+
+    "doc" (whole documents), "question", "sentence" (``split_sentences`` of each document) and
+    "chunk{size}o{overlap}" (``chunk_fixed`` of each document) for every pair in ``CHUNKINGS``.
+    """
+    texts = [d["text"] for d in docs]
+    sets = {"doc": texts, "question": [q["question"] for q in questions],
+            "sentence": [s for t in texts for s in split_sentences(t)]}
+    for size, overlap in CHUNKINGS:
+        sets[f"chunk{size}o{overlap}"] = [c for t in texts for c in chunk_fixed(t, size, overlap)]
+    return sets
+
+
+def text_digest(texts: Sequence[str]) -> str:
+    """SHA-256 of the texts joined by NUL: identifies exactly which texts a stored matrix embeds."""
+    return hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+
+
+def load_embeddings(name: str = "torch_docs") -> dict[str, torch.Tensor]:
+    """The committed all-MiniLM-L6-v2 embeddings of ``text_sets`` (float32, (rows, 384) each; keys
+    ending in "_cls" hold [CLS] pooling); raises if a stored digest differs from the texts that
+    ``text_sets`` gives now, so a stale file cannot be used silently."""
+    from safetensors import safe_open
+
+    path = CORPUS_DIR / f"{name}_embeddings.safetensors"
+    if not path.is_file():
+        raise ValueError(f"name must have embeddings in llmlab/corpora (run scripts/rag_embed.py), got {name!r}")
+    sets = text_sets(*load_corpus(name))
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        for key in f.keys():
+            texts = sets[key.removesuffix("_cls")]
+            if meta[key] != text_digest(texts):
+                raise ValueError(f"embeddings {key!r} are stale: rerun scripts/rag_embed.py")
+            out[key] = f.get_tensor(key).float()
+    return out

@@ -238,3 +238,17 @@ def test_bad_input_names_the_argument():
         enc.encode("abc")
     with pytest.raises(ValueError, match="hidden_size must be divisible"):
         BertConfig(hidden_size=30, num_attention_heads=4)
+
+
+def test_committed_embeddings_match_their_texts_and_the_encoder(docs_questions, minilm):
+    docs, questions = docs_questions
+    emb = R.load_embeddings()  # raises if a stored digest differs from the texts text_sets gives
+    sets = R.text_sets(docs, questions)
+    assert set(emb) == set(sets) | {"doc_cls", "question_cls"}
+    for name, texts in sets.items():
+        assert emb[name].shape == (len(texts), 384)
+    live = minilm.encode(sets["question"][:3])
+    torch.testing.assert_close(emb["question"][:3], live, atol=2e-3, rtol=0)  # float16 storage
+    cls = minilm.encode(sets["question"][:3], pooling="cls")
+    torch.testing.assert_close(emb["question_cls"][:3], cls, atol=2e-3, rtol=0)
+    assert R.text_digest(["a", "b"]) != R.text_digest(["a b"])
