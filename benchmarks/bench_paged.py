@@ -43,10 +43,10 @@ def main() -> int:
     print("reserved/useful = slots reserved / slots holding a token, summed over decoding steps")
     print(f"{'':28s} {'paged':>17s} {'contiguous':>17s} {'peak slots':>17s}")
     print(f"{'run':28s} {'res/used':>8s} {'waste':>8s} {'res/used':>8s} {'waste':>8s} {'paged':>8s} {'contig':>8s}")
-    waste = row("block_size 16, seed 0", base)
-    row("block_size 16, seed 1", replace(base, seed=1))
-    for block_size in (1, 8, 32, 128):
-        row(f"block_size {block_size}, seed 0", replace(base, block_size=block_size))
+    waste = row("block_tokens 16, seed 0", base)
+    row("block_tokens 16, seed 1", replace(base, seed=1))
+    for block_tokens in (1, 8, 32, 128):
+        row(f"block_tokens {block_tokens}, seed 0", replace(base, block_tokens=block_tokens))
     for limit in (1024, 4096):
         row(f"max_model_len {limit}, seed 0", replace(base, max_model_len=limit))
     shared = simulate_workload(replace(base, samples_per_request=4))
@@ -56,7 +56,7 @@ def main() -> int:
         f"fewer token slots than the samples see; paged reservation per logical token "
         f"{shared.paged_slot_steps / shared.logical_slot_steps:.3f}"
     )
-    print(f"paged waste at block_size 16 = {waste:.2%} (claim: < {MAX_PAGED_WASTE:.0%})")
+    print(f"paged waste at block_tokens 16 = {waste:.2%} (claim: < {MAX_PAGED_WASTE:.0%})")
     return 0 if waste < MAX_PAGED_WASTE else 1
 
 

@@ -388,9 +388,7 @@ class Attention(nn.Module):
         """Rotate q (B, H, T, D) and k (B, K, T, D) by their absolute positions."""
         if rope is None:  # a standalone layer; LLM passes its cached tables
             rope = rope_cos_sin(positions, self.head_dim, self.rope_base, dtype=q.dtype)  # on positions' device
-        # q and k share the angles: rotate them as one (B, H + K, T, D) tensor (fewer kernel calls).
-        qk = apply_rope(torch.cat((q, k), dim=1), *rope)  # (B, H + K, T, D)
-        return qk.split((self.n_head, self.n_kv_head), dim=1)  # (B, H, T, D), (B, K, T, D)
+        return apply_rope(q, *rope), apply_rope(k, *rope)  # (B, H, T, D), (B, K, T, D)
 
     def _mask(self, mask, is_causal, q_len, k_len, device, dtype):
         """The mask for the kernel: None (plus is_causal) when the plain causal mask suffices."""

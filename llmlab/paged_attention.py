@@ -9,7 +9,7 @@ Serving with PagedAttention", the vLLM paper, sections 4.1 to 4.4)
   ``fork`` (a child shares all of its parent's blocks, reference counts go up: parallel sampling
   and beam search share the prompt) and copy-on-write when a shared, partly filled last block is
   appended to. ``stats`` reports reserved vs filled slots and the last-block waste.
-- ``PagedKVCache``: the key and value block pools (N, block_size, K, D) plus a ``BlockManager``;
+- ``PagedKVCache``: the key and value block pools (N, block_tokens, K, D) plus a ``BlockManager``;
   ``append`` writes a token's k and v into its slot, ``gather`` rebuilds a contiguous (K, S, D).
 - ``paged_attention``: one decoding query per sequence attends to its keys and values read
   through the block table (sequences of different lengths in one batch), the job of vLLM's
@@ -21,7 +21,7 @@ Serving with PagedAttention", the vLLM paper, sections 4.1 to 4.4)
 What it leaves out: swapping and recomputation on preemption, the scheduler, block sizes tuned to
 the kernel, prefix caching by hash across requests, and multi-layer pools (each layer of a real
 engine has its own pool indexed by the same block tables). Shape letters follow
-``llmlab.shapes``; ``block_size`` is written out in shape comments.
+``llmlab.shapes``; ``block_tokens`` is written out in shape comments.
 """
 
 from __future__ import annotations
@@ -43,23 +43,24 @@ class PagedCacheConfig:
     """Size of one layer's paged KV cache."""
 
     num_blocks: int = 256  # physical blocks in the pool
-    block_size: int = 16  # token slots per block (vLLM's default)
-    num_kv_heads: int = 2  # K: key/value heads
+    block_tokens: int = 16  # token slots per block (vLLM's ``block_size``, default 16; ModelConfig.block_size
+    # is the context length, a different size)
+    n_kv_head: int = 2  # K: key/value heads (ModelConfig's name)
     head_dim: int = 64  # D: head dimension
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "block_size", "num_kv_heads", "head_dim"):
+        for name in ("num_blocks", "block_tokens", "n_kv_head", "head_dim"):
             check_int(name, getattr(self, name), minimum=1)
 
     @classmethod
     def tiny(cls) -> PagedCacheConfig:
         """A pool small enough to print: 16 blocks of 4 slots, 2 heads of dimension 8."""
-        return cls(num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8)
+        return cls(num_blocks=16, block_tokens=4, n_kv_head=2, head_dim=8)
 
     @property
     def num_slots(self) -> int:
         """Token slots in the whole pool."""
-        return self.num_blocks * self.block_size
+        return self.num_blocks * self.block_tokens
 
 
 class OutOfBlocksError(RuntimeError):
@@ -138,7 +139,7 @@ class CacheStats:
 
     num_sequences: int  # sequences in the cache
     blocks_used: int  # physical blocks taken from the pool
-    slots_reserved: int  # blocks_used * block_size
+    slots_reserved: int  # blocks_used * block_tokens
     slots_filled: int  # slots that hold a token's k and v (a shared block counts once)
     logical_tokens: int  # sum of sequence lengths (what the sequences see; > slots_filled with sharing)
 
@@ -161,15 +162,15 @@ def contiguous_reserved_slots(num_sequences: int, max_len: int) -> int:
 class BlockManager:
     """Block tables and slot allocation for many sequences over one ``BlockAllocator``.
 
-    >>> bm = BlockManager(num_blocks=8, block_size=4)
+    >>> bm = BlockManager(num_blocks=8, block_tokens=4)
     >>> bm.add_sequence(0); _ = [bm.append_slot(0) for _ in range(6)]
     >>> bm.block_table(0), bm.length(0)
     ([0, 1], 6)
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_tokens: int) -> None:
         self.allocator = BlockAllocator(num_blocks)
-        self.block_size = check_int("block_size", block_size, minimum=1)
+        self.block_tokens = check_int("block_tokens", block_tokens, minimum=1)
         self._tables: dict[int, list[int]] = {}  # sequence id -> physical block per logical block
         self._lengths: dict[int, int] = {}  # sequence id -> tokens stored
         self._fill = [0] * num_blocks  # filled slots per physical block
@@ -206,7 +207,7 @@ class BlockManager:
         is the block whose filled slots the caller must copy into ``block``; otherwise it is None.
         """
         table, n = self._seq(seq_id), self._lengths[seq_id]
-        slot, copy_from = n % self.block_size, None
+        slot, copy_from = n % self.block_tokens, None
         if slot == 0:
             table.append(self.allocator.allocate())
         elif self.allocator._refs[table[-1]] > 1:  # shared with a fork: copy before writing
@@ -242,7 +243,7 @@ class BlockManager:
         return CacheStats(
             num_sequences=len(self._tables),
             blocks_used=used,
-            slots_reserved=used * self.block_size,
+            slots_reserved=used * self.block_tokens,
             slots_filled=self._filled_total,
             logical_tokens=sum(self._lengths.values()),
         )
@@ -253,7 +254,7 @@ class BlockManager:
 
 
 class PagedKVCache:
-    """One layer's keys and values in block pools (N, block_size, K, D), addressed by block tables.
+    """One layer's keys and values in block pools (N, block_tokens, K, D), addressed by block tables.
 
     >>> cache = PagedKVCache(PagedCacheConfig.tiny())
     >>> cache.add_sequence(0)
@@ -268,10 +269,10 @@ class PagedKVCache:
         if not isinstance(config, PagedCacheConfig):
             raise TypeError(f"config must be a PagedCacheConfig, got {type(config).__name__}")
         self.config = config
-        self.manager = BlockManager(config.num_blocks, config.block_size)
-        shape = (config.num_blocks, config.block_size, config.num_kv_heads, config.head_dim)
-        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)  # (N, block_size, K, D)
-        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)  # (N, block_size, K, D)
+        self.manager = BlockManager(config.num_blocks, config.block_tokens)
+        shape = (config.num_blocks, config.block_tokens, config.n_kv_head, config.head_dim)
+        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)  # (N, block_tokens, K, D)
+        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)  # (N, block_tokens, K, D)
 
     def add_sequence(self, seq_id: int) -> None:
         self.manager.add_sequence(seq_id)
@@ -292,7 +293,7 @@ class PagedKVCache:
     def _tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Accept one token (K, D) or several (T, K, D); return (T, K, D)."""
         check_tensor(name, x, ndim=(2, 3), layout="(K, D) or (T, K, D)")
-        want = (self.config.num_kv_heads, self.config.head_dim)
+        want = (self.config.n_kv_head, self.config.head_dim)
         if tuple(x.shape[-2:]) != want:
             raise ValueError(f"{name} must end in (K, D) = {want} (the cache's heads, head dim), got {tuple(x.shape)}")
         return x.reshape(-1, *want)  # (T, K, D)
@@ -319,7 +320,7 @@ class PagedKVCache:
 
     def _blocks_needed(self, seq_id: int, n_tokens: int) -> int:
         """New blocks that appending n_tokens takes (one more if the shared last block must be copied)."""
-        bs, n = self.config.block_size, self.manager.length(seq_id)
+        bs, n = self.config.block_tokens, self.manager.length(seq_id)
         new = math.ceil((n + n_tokens) / bs) - math.ceil(n / bs)
         table = self.manager._tables[seq_id]
         shared_partial = n % bs != 0 and self.manager.allocator.ref_count(table[-1]) > 1
@@ -356,7 +357,7 @@ def _check_decode_inputs(q: torch.Tensor, cache: PagedKVCache, seq_ids: list[int
     if not isinstance(seq_ids, (list, tuple)) or len(seq_ids) != q.shape[0]:
         got = len(seq_ids) if isinstance(seq_ids, (list, tuple)) else type(seq_ids).__name__
         raise ValueError(f"seq_ids must be a list with one id per row of q (B={q.shape[0]}), got {got}")
-    h, d, kv = q.shape[1], q.shape[2], cache.config.num_kv_heads
+    h, d, kv = q.shape[1], q.shape[2], cache.config.n_kv_head
     if d != cache.config.head_dim:
         raise ValueError(f"q's head dim D must be the cache's head_dim={cache.config.head_dim}, got {d}")
     if h % kv:
@@ -385,7 +386,7 @@ def paged_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_float("scale", scale, low=0.0, low_open=True)
     b, h, d = q.shape
     tables, lengths = _table_tensor(cache, list(seq_ids))  # (B, N), (B,)
-    k = cache.key_cache[tables].flatten(1, 2).transpose(1, 2)  # (B, K, S, D): S = N * block_size slots
+    k = cache.key_cache[tables].flatten(1, 2).transpose(1, 2)  # (B, K, S, D): S = N * block_tokens slots
     v = cache.value_cache[tables].flatten(1, 2).transpose(1, 2)  # (B, K, S, D)
     qg = q.reshape(b, -1, group, d).to(k.dtype)  # (B, K, G, D): query heads grouped by their k/v head
     scores = (qg @ k.transpose(-2, -1)) * scale  # (B, K, G, S)
@@ -410,12 +411,12 @@ class WorkloadConfig:
     min_output: int = 16  # shortest generated answer, tokens
     max_output: int = 512  # longest generated answer, tokens
     max_model_len: int = 2048  # context limit: what a contiguous cache reserves per request
-    block_size: int = 16  # token slots per block for paging
+    block_tokens: int = 16  # token slots per block for paging
     samples_per_request: int = 1  # parallel samples (n > 1: forks that share the prompt's blocks)
     seed: int = 0  # seeds arrivals and lengths
 
     def __post_init__(self) -> None:
-        names = ("num_requests", "min_prompt", "max_prompt", "min_output", "max_output", "block_size")
+        names = ("num_requests", "min_prompt", "max_prompt", "min_output", "max_output", "block_tokens")
         for name in (*names, "samples_per_request"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("seed", self.seed, minimum=0)
@@ -508,8 +509,8 @@ def simulate_workload(config: WorkloadConfig | None = None) -> WorkloadReport:
     if not isinstance(config, WorkloadConfig):
         raise TypeError(f"config must be a WorkloadConfig, got {type(config).__name__}")
     pending, n = _requests(config), config.samples_per_request
-    blocks_per_sequence = math.ceil(config.max_model_len / config.block_size)
-    manager = BlockManager(config.num_requests * n * blocks_per_sequence, config.block_size)
+    blocks_per_sequence = math.ceil(config.max_model_len / config.block_tokens)
+    manager = BlockManager(config.num_requests * n * blocks_per_sequence, config.block_tokens)
     remaining: dict[int, int] = {}  # sequence id -> output tokens still to generate
     totals, peaks, step, nxt = [0, 0, 0, 0], [0, 0], 0, 0
     while nxt < len(pending) or remaining:

@@ -32,10 +32,10 @@ def tokens(n, kv=2, d=8, seed=0):
 # --- paged vs contiguous -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 4, 16])
+@pytest.mark.parametrize("block_tokens", [1, 3, 4, 16])
 @pytest.mark.parametrize("heads", [2, 6])
-def test_paged_decode_equals_contiguous_attention(block_size, heads):
-    cfg = PagedCacheConfig(num_blocks=64, block_size=block_size, num_kv_heads=2, head_dim=8)
+def test_paged_decode_equals_contiguous_attention(block_tokens, heads):
+    cfg = PagedCacheConfig(num_blocks=64, block_tokens=block_tokens, n_kv_head=2, head_dim=8)
     cache, lengths, contiguous = PagedKVCache(cfg), [5, 1, 17, 12], []
     for i, n in enumerate(lengths):  # interleave the appends so that blocks of sequences mix in the pool
         cache.add_sequence(i)
@@ -53,7 +53,7 @@ def test_paged_decode_equals_contiguous_attention(block_size, heads):
 
 
 def test_paged_cache_equals_llmlab_kv_cache_during_decoding():
-    cache = PagedKVCache(PagedCacheConfig(num_blocks=8, block_size=3, num_kv_heads=1, head_dim=4))
+    cache = PagedKVCache(PagedCacheConfig(num_blocks=8, block_tokens=3, n_kv_head=1, head_dim=4))
     cache.add_sequence("a")
     reference = KVCache(n_layer=1)
     k_all, v_all = tokens(10, kv=1, d=4)
@@ -140,7 +140,7 @@ def test_fork_shares_blocks_and_copy_on_write_keeps_the_parent():
 
 
 def test_fork_at_a_block_boundary_needs_no_copy():
-    manager = BlockManager(num_blocks=4, block_size=2)
+    manager = BlockManager(num_blocks=4, block_tokens=2)
     manager.add_sequence(0)
     for _ in range(4):
         manager.append_slot(0)
