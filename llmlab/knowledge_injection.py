@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmlab.sft import IGNORE_INDEX, encode_chat, finetune, sft_batch, sft_example
+from llmlab.sft import IGNORE_INDEX, finetune, sft_batch, sft_example
 from llmlab.shapes import check_int
 
 TOWNS = ("Brell", "Corda", "Dunmoor", "Fenwy", "Halbrook", "Jastow", "Lorwen", "Mirth")

@@ -76,7 +76,8 @@ def main() -> None:
             results[name].append(probes(model, tok, a, b))
             print(f"seed {seed} {name:22s} " + " ".join(f"{v:.2f}" for v in results[name][-1].values()),
                   f"({time.time() - start:.0f} s)", flush=True)
-    save_result({"command": "python scripts/knowledge_injection.py", "seeds": args.seeds, "facts_per_seed": 64, "towns": 8, "lr": 3e-3, **steps,
+    save_result({"command": "python scripts/knowledge_injection.py", "seeds": args.seeds,
+                 "facts_per_seed": 64, "towns": 8, "lr": 3e-3, **steps,
                  "runs": results, "seconds": round(time.time() - start)}, args.out)
     print(f"wrote {args.out}")
 
