@@ -55,8 +55,8 @@ def comparison_data(base, tok, seed, n_prompts=200, k=4):
     return [p for p in preference_pairs(prompts, groups) if feeling_reward(p[2]) >= 0]
 
 
-def train_rm(base, tok, pairs, seed, steps, lr):
-    n_train = int(0.8 * len(pairs))
+def train_rm(base, tok, pairs, seed, steps, lr, max_train=None):
+    n_train = int(0.8 * len(pairs)) if max_train is None else min(max_train, int(0.8 * len(pairs)))
     chosen = encode(tok, [p + c for p, c, _ in pairs])  # (N, P+R)
     rejected = encode(tok, [p + r for p, _, r in pairs])  # (N, P+R)
     torch.manual_seed(seed)
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--value-lr", type=float, default=1e-4)
     ap.add_argument("--rm-steps", type=int, default=15)
     ap.add_argument("--rm-lr", type=float, default=1e-3)
+    ap.add_argument("--rm-train-pairs", type=int, default=None, help="cap on the RM's training pairs")
     ap.add_argument("--kl-coef", type=float, default=1.0)
     ap.add_argument("--kl-small", type=float, default=0.0)
     ap.add_argument("--dpo-beta", type=float, default=0.1)
@@ -193,7 +194,7 @@ def main() -> None:
     per_seed = []
     for seed in args.seeds:
         pairs = comparison_data(base, tok, seed)
-        rm, acc, n_train = train_rm(base, tok, pairs, seed, args.rm_steps, args.rm_lr)
+        rm, acc, n_train = train_rm(base, tok, pairs, seed, args.rm_steps, args.rm_lr, args.rm_train_pairs)
         score = make_score(rm, base, tok, args.temperature, seed)
         row = {"seed": seed, "pairs": len(pairs), "rm_train_pairs": n_train, "rm_heldout_accuracy": acc}
         row["best_of_n"] = best_of_n(base, tok, rm, score, seed, args)
