@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from llmlab.flash_attention import measure_peak_memory
+from llmlab.memory import measure_peak_memory
 from llmlab.notebook import short_tracebacks
 
 
