@@ -3,13 +3,13 @@ notebook 15.
 
 For p = 2 and 4 pipeline ranks (gloo CPU processes, one thread each) and m = 1, 2, 4, 8
 micro-batches, one GPipe step (``llmlab.parallel.gpipe_step``) of a 4-layer LLaMA-style model of
-width 128 (``llmlab.distributed_demos.tiny_model``) on a batch of 16 x 64 tokens; each (p, m) is
+width 128 (``llmlab.distributed_demos.tiny_model``) on a batch of 32 x 128 tokens; each (p, m) is
 run 5 times and the step with the shortest span is kept. Measured bubble of a rank = 1 - (its
 forward and backward time) / (the step's span over all ranks, first start to last end); the
 result is the mean over ranks. Timings depend on the machine: on a CPU with fewer free cores than
 p the stages cannot all compute at once, which the formula assumes.
 
-    python scripts/distributed_bubble.py            # about a minute on a 2-core CPU
+    python scripts/distributed_bubble.py            # a few minutes on a 2-core CPU
     python scripts/distributed_bubble.py --out /tmp/b.json --micro 1 2   # a smoke test
 """
 
@@ -35,11 +35,11 @@ def measured_bubble(timelines: list) -> float:
     return sum(1 - b / (end - start) for b in busy) / len(busy)
 
 
-def main(out=DEFAULT_OUT, stages=(2, 4), micro=(1, 2, 4, 8), repeats=5) -> dict:
+def main(out=DEFAULT_OUT, stages=(2, 4), micro=(1, 2, 4, 8), repeats=5, batch=32, length=128) -> dict:
     rows = []
     t0 = time.perf_counter()
     for p in stages:
-        per_rank = launch(pipeline_timelines, p, tuple(micro), 16, 64, 128, repeats, timeout=600)
+        per_rank = launch(pipeline_timelines, p, tuple(micro), batch, length, 128, repeats, timeout=900)
         for m in micro:
             timelines = [r[m] for r in per_rank]
             span = max(e[3] for tl in timelines for e in tl) - min(e[2] for tl in timelines for e in tl)
@@ -48,7 +48,7 @@ def main(out=DEFAULT_OUT, stages=(2, 4), micro=(1, 2, 4, 8), repeats=5) -> dict:
             print(rows[-1])
     result = {
         "command": "python scripts/distributed_bubble.py",
-        "model": "4 layers, width 128, 4 heads, vocabulary 64; batch 16 x 64 tokens; fp32",
+        "model": f"4 layers, width 128, 4 heads, vocabulary 64; batch {batch} x {length} tokens; fp32",
         "repeats": repeats,
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 1),
