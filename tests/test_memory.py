@@ -164,7 +164,10 @@ def _config(**changes) -> ModelConfig:
     return replace(base, **changes)
 
 
-def _run(cfg: ModelConfig, dtype: torch.dtype, b: int = 4, t: int = 48):
+B, T = 4, 64  # T = block_size: the model's cached RoPE tables (at least 64 rows) are exactly the T rows saved
+
+
+def _run(cfg: ModelConfig, dtype: torch.dtype, b: int = B, t: int = T):
     torch.manual_seed(0)
     model = LLM(cfg).to(dtype).train()
     g = torch.Generator().manual_seed(1)
@@ -182,7 +185,7 @@ def test_activation_formula_matches_the_tensors_autograd_saves(name, dtype):
     cfg = _config(**CONFIGS[name])
     model, x, y = _run(cfg, dtype)
     _, saved = measure_saved_activations(lambda: model(x, targets=y).loss, exclude=model.parameters())
-    est = activation_bytes(Architecture.from_model_config(cfg), 4, 48, dtype.itemsize,
+    est = activation_bytes(Architecture.from_model_config(cfg), B, T, dtype.itemsize,
                            fused_attention=cfg.attn_impl == "sdpa")
     assert _within(saved, est.saved), (saved, est.saved)
     if dtype == torch.float32 and cfg.norm == "rmsnorm":
@@ -198,7 +201,7 @@ def test_activation_formula_with_lora_matches_measurement(name):
         arch = Architecture.from_model_config(cfg)
         assert count_trainable_parameters(model)[0] == lora_parameters(arch, 4)
         _, saved = measure_saved_activations(lambda: model(x, targets=y).loss, exclude=model.parameters())  # noqa: B023
-        est = activation_bytes(arch, 4, 48, dtype.itemsize, lora_rank=4)
+        est = activation_bytes(arch, B, T, dtype.itemsize, lora_rank=4)
         assert _within(saved, est.saved), (dtype, saved, est.saved)
 
 
@@ -213,7 +216,7 @@ def test_checkpointing_formula_matches_the_bytes_a_forward_pass_leaves_behind(dt
         logits = out.logits.numel() * out.logits.element_size() + 4  # outputs: logits and the loss
         # torch.utils.checkpoint keeps the CPU RNG state per layer (host memory, not activations)
         rng = cfg.n_layer * torch.get_rng_state().numel() if ckpt else 0
-        est = activation_bytes(arch, 4, 48, dtype.itemsize, checkpointing=ckpt)
+        est = activation_bytes(arch, B, T, dtype.itemsize, checkpointing=ckpt)
         assert _within(retained - logits - rng, est.saved), (ckpt, retained - logits - rng, est.saved)
         del out
 
@@ -232,7 +235,7 @@ def test_fp32_state_bytes_after_a_real_step_match_the_estimate(optimizer):
            "sgd": lambda p: torch.optim.SGD(p, lr=1e-3)}[optimizer](model.parameters())
     _one_step(model, x, y, opt)
     held = held_state_bytes(model, opt)
-    est = training_memory(model, 4, 48, optimizer=optimizer, precision="fp32")
+    est = training_memory(model, B, T, optimizer=optimizer, precision="fp32")
     for key in ("weights", "gradients", "master_weights", "optimizer_state"):
         assert _within(held[key], getattr(est, key)), (key, held[key], getattr(est, key))
     assert held["weights"] == est.weights == 4 * model.num_parameters()
@@ -245,7 +248,7 @@ def test_mixed_precision_state_is_16_bytes_per_parameter_measured():
     model(x, targets=y).loss.backward()
     opt.step()
     held = held_state_bytes(model, opt)  # the fp32 master gradients are freed inside step()
-    est = training_memory(model, 4, 48, optimizer="adamw", precision="bf16_mixed")
+    est = training_memory(model, B, T, optimizer="adamw", precision="bf16_mixed")
     for key in ("weights", "gradients", "master_weights", "optimizer_state"):
         assert _within(held[key], getattr(est, key)), (key, held[key], getattr(est, key))
     n = model.num_parameters()
