@@ -3,7 +3,7 @@ slots behind block tables, as in vLLM) vs contiguous preallocation of the maximu
 
 Requests arrive at random (Poisson, seeded), with prompt and output lengths uniform in [16, 512]
 tokens and a context limit of 2048; each decodes one token per step and is freed when done.
-``llmlab.paged_attention.simulate_workload`` sums, over all steps, the slots that hold a token
+``llmlab.serving_sim.simulate_workload`` sums, over all steps, the slots that hold a token
 (useful), the slots paging reserves, and the slots a contiguous cache reserves. The claim checked:
 paging wastes under 5% of what it reserves; contiguous preallocation wastes far more. It also runs
 the same workload at other block sizes and another seed, to show where the waste comes from, at
@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from llmlab.paged_attention import WorkloadConfig, simulate_workload
+from llmlab.serving_sim import WorkloadConfig, simulate_workload
 
 MAX_PAGED_WASTE = 0.05
 

@@ -8,8 +8,9 @@ What it implements
   ``block_q`` queries, an inner loop over tiles of ``block_k`` keys/values, the online softmax
   update with rescaling of the output accumulator, and the log-sum-exp L that the backward pass
   keeps. With ``is_causal`` the tiles above the diagonal are skipped, not computed and masked;
-  the result counts computed and skipped tiles, the matmul FLOPs done and the elements moved
-  between slow memory (HBM) and the tile buffers (SRAM) as a GPU kernel would.
+  the result carries the counts of computed and skipped tiles, the matmul FLOPs done and the
+  elements moved between slow memory (HBM) and the tile buffers (SRAM) as a GPU kernel would,
+  which ``flash_forward_stats`` derives from the sizes alone (the loop does not count).
 - ``flash_attention_backward`` and ``flash_attention`` (autograd): the recomputation backward pass
   of FlashAttention-2 (Algorithm 2): P is rebuilt tile by tile from Q, K and L, never stored.
 - The standard algorithm that materialises the (T, S) score and probability matrices, for
@@ -191,13 +192,12 @@ def _online_step(
 
 
 def _query_tile(q_tile, k, v, q0, offset, is_causal, scale, block_k):
-    """Attend one query tile (B, K, G, bq, D) to all visible key tiles; return (out, lse, tiles, masked)."""
+    """Attend one query tile (B, K, G, bq, D) to all visible key tiles; return (out, lse)."""
     b, kv, g, bq, d = q_tile.shape
     m = q_tile.new_full((b, kv, g, bq), float("-inf"))  # (B, K, G, bq) running max
     l = q_tile.new_zeros(b, kv, g, bq)  # (B, K, G, bq) running sum of exp(s - m)
     acc = q_tile.new_zeros(b, kv, g, bq, d)  # (B, K, G, bq, D) unnormalised output
     n_keys = _visible_keys(q0 + bq, offset, k.shape[2], is_causal)
-    tiles = masked = 0
     for k0 in range(0, n_keys, block_k):
         k1 = min(k0 + block_k, n_keys)
         k_tile, v_tile = k[:, :, None, k0:k1], v[:, :, None, k0:k1]  # (B, K, 1, bk, D) each
@@ -205,10 +205,8 @@ def _query_tile(q_tile, k, v, q0, offset, is_causal, scale, block_k):
         mask = _tile_mask(q0, q0 + bq, k0, k1, offset, q_tile.device) if is_causal else None
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))  # (B, K, G, bq, bk)
-            masked += 1
         m, l, acc = _online_step(m, l, acc, s, v_tile)
-        tiles += 1
-    return acc / l[..., None], m + torch.log(l), tiles, masked  # (B, K, G, bq, D), (B, K, G, bq)
+    return acc / l[..., None], m + torch.log(l)  # (B, K, G, bq, D), (B, K, G, bq)
 
 
 def flash_attention_forward(
@@ -237,26 +235,41 @@ def flash_attention_forward(
     k, v = k.to(work), v.to(work)  # (B, K, S, D) each; no copy unless half precision
     out = torch.empty(b, kv, group, t, d, dtype=q.dtype, device=q.device)  # (B, K, G, T, D)
     lse = torch.empty(b, kv, group, t, dtype=work, device=q.device)  # (B, K, G, T)
-    offset, tiles, masked, keys_read = s_len - t, 0, 0, 0
     for q0 in range(0, t, config.block_q):
         q1 = min(q0 + config.block_q, t)
         q_tile = qg[:, :, :, q0:q1]  # (B, K, G, bq, D)
-        o_tile, lse_tile, n, n_masked = _query_tile(q_tile, k, v, q0, offset, is_causal, scale, config.block_k)
+        o_tile, lse_tile = _query_tile(q_tile, k, v, q0, s_len - t, is_causal, scale, config.block_k)
         out[:, :, :, q0:q1], lse[:, :, :, q0:q1] = o_tile, lse_tile
-        tiles, masked = tiles + n, masked + n_masked
-        keys_read += _visible_keys(q1, offset, s_len, is_causal)
-    stats = _forward_stats(b * h, t, s_len, d, config, is_causal, tiles, masked, keys_read)
+    stats = flash_forward_stats(t, s_len, d, config, is_causal, batch_heads=b * h)
     return FlashResult(out.reshape(b, h, t, d), lse.reshape(b, h, t), stats)  # (B, H, T, D), (B, H, T)
 
 
-def _forward_stats(bh, t, s, d, config, is_causal, tiles, masked, keys_read) -> FlashStats:
-    """Counts per (batch, head) pair times B*H. Tile counts from the loop above are already over B*K
-    groups at once, so they are per head: multiply by B*H too."""
-    q_tiles, k_tiles = math.ceil(t / config.block_q), math.ceil(s / config.block_k)
-    computed_pairs = 0  # exact query-key pairs inside computed tiles
+def flash_forward_stats(
+    t: int, s: int, d: int, config: FlashConfig | None = None, is_causal: bool = False, batch_heads: int = 1
+) -> FlashStats:
+    """What ``flash_attention_forward`` does for T queries and S keys of head dim D, from the sizes
+    alone (per head, times ``batch_heads`` = B * H): the tiles it computes, skips and masks, the
+    matmul FLOPs and the elements it reads and writes.
+
+    Query tile [q0, q1) sees the first n = min(S, q1 + S - T) keys under ``is_causal`` (all S
+    otherwise): ceil(n / block_k) tiles, of which those whose last key lies after the tile's first
+    query position need an element mask; K and V are read n rows each, once per query tile.
+
+    >>> flash_forward_stats(100, 100, 16, FlashConfig.tiny(), is_causal=True).tiles_skipped
+    21
+    """
+    config = _check_config(config)
+    t, s, d, bh = (check_int(n, x, minimum=1) for n, x in (("t", t), ("s", s), ("d", d), ("batch_heads", batch_heads)))
+    offset, tiles, masked, keys_read, computed_pairs = s - t, 0, 0, 0, 0
     for q0 in range(0, t, config.block_q):
         q1 = min(q0 + config.block_q, t)
-        computed_pairs += (q1 - q0) * _visible_keys(q1, s - t, s, is_causal)
+        n_keys = _visible_keys(q1, offset, s, is_causal)
+        tiles += math.ceil(n_keys / config.block_k)
+        if is_causal:  # mirrors _tile_mask: the tile's last key is after the first query's position
+            masked += sum(min(k0 + config.block_k, n_keys) - 1 > q0 + offset for k0 in range(0, n_keys, config.block_k))
+        keys_read += n_keys
+        computed_pairs += (q1 - q0) * n_keys  # exact query-key pairs inside computed tiles
+    q_tiles, k_tiles = math.ceil(t / config.block_q), math.ceil(s / config.block_k)
     return FlashStats(
         tiles_computed=tiles * bh,
         tiles_skipped=(q_tiles * k_tiles - tiles) * bh,

@@ -14,9 +14,8 @@ Serving with PagedAttention", the vLLM paper, sections 4.1 to 4.4)
 - ``paged_attention``: one decoding query per sequence attends to its keys and values read
   through the block table (sequences of different lengths in one batch), the job of vLLM's
   ``paged_attention_v1`` kernel (``csrc/attention/attention_kernels.cuh``).
-- ``simulate_workload``: requests with seeded random prompt and output lengths arrive, decode
-  one token per step and finish; it integrates the slots reserved by paging and by contiguous
-  preallocation to the maximum length over time and reports both per useful (filled) slot.
+The serving workload that compares paging with contiguous preallocation over time is simulated
+in ``llmlab.serving_sim`` on top of ``BlockManager``.
 
 What it leaves out: swapping and recomputation on preemption, the scheduler, block sizes tuned to
 the kernel, prefix caching by hash across requests, and multi-layer pools (each layer of a real
@@ -27,7 +26,6 @@ engine has its own pool indexed by the same block tables). Shape letters follow
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import torch
@@ -210,7 +208,7 @@ class BlockManager:
         slot, copy_from = n % self.block_tokens, None
         if slot == 0:
             table.append(self.allocator.allocate())
-        elif self.allocator._refs[table[-1]] > 1:  # shared with a fork: copy before writing
+        elif self.allocator.ref_count(table[-1]) > 1:  # shared with a fork: copy before writing
             copy_from, new = table[-1], self.allocator.allocate()
             self._fill[new] = self._fill[copy_from]
             self._filled_total += self._fill[new]
@@ -303,7 +301,7 @@ class PagedKVCache:
         k, v = self._tokens("k", k), self._tokens("v", v)  # (T, K, D) each
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        self.manager._seq(seq_id)
+        self.manager.length(seq_id)  # a known sequence, or a ValueError naming it
         needed = self._blocks_needed(seq_id, k.shape[0])
         if needed > self.manager.allocator.num_free:
             raise OutOfBlocksError(
@@ -322,7 +320,7 @@ class PagedKVCache:
         """New blocks that appending n_tokens takes (one more if the shared last block must be copied)."""
         bs, n = self.config.block_tokens, self.manager.length(seq_id)
         new = math.ceil((n + n_tokens) / bs) - math.ceil(n / bs)
-        table = self.manager._tables[seq_id]
+        table = self.manager.block_table(seq_id)
         shared_partial = n % bs != 0 and self.manager.allocator.ref_count(table[-1]) > 1
         return new + int(shared_partial and n_tokens > 0)
 
@@ -394,139 +392,3 @@ def paged_attention(
     scores = scores.masked_fill(~filled[:, None, None, :], float("-inf"))  # empty slots of last blocks and padding
     out = torch.softmax(scores, dim=-1) @ v  # (B, K, G, D)
     return out.reshape(b, h, d).to(q.dtype)  # (B, H, D)
-
-
-# ----------------------------------------------------------------------------------------------
-# A serving workload: paging vs contiguous preallocation
-
-
-@dataclass(frozen=True)
-class WorkloadConfig:
-    """A stream of requests for ``simulate_workload``; lengths are uniform in [min, max]."""
-
-    num_requests: int = 300  # requests in the run
-    arrivals_per_step: float = 0.25  # mean new requests per decoding step (Poisson arrivals)
-    min_prompt: int = 16  # shortest prompt, tokens
-    max_prompt: int = 512  # longest prompt, tokens
-    min_output: int = 16  # shortest generated answer, tokens
-    max_output: int = 512  # longest generated answer, tokens
-    max_model_len: int = 2048  # context limit: what a contiguous cache reserves per request
-    block_tokens: int = 16  # token slots per block for paging
-    samples_per_request: int = 1  # parallel samples (n > 1: forks that share the prompt's blocks)
-    seed: int = 0  # seeds arrivals and lengths
-
-    def __post_init__(self) -> None:
-        names = ("num_requests", "min_prompt", "max_prompt", "min_output", "max_output", "block_tokens")
-        for name in (*names, "samples_per_request"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("seed", self.seed, minimum=0)
-        check_float("arrivals_per_step", self.arrivals_per_step, low=0.0, low_open=True)
-        if self.min_prompt > self.max_prompt or self.min_output > self.max_output:
-            raise ValueError(f"min lengths must be <= max lengths, got {self}")
-        if check_int("max_model_len", self.max_model_len, minimum=1) < self.max_prompt + self.max_output:
-            raise ValueError(
-                f"max_model_len must be >= max_prompt + max_output = {self.max_prompt + self.max_output}, "
-                f"got {self.max_model_len}"
-            )
-
-    @classmethod
-    def tiny(cls) -> WorkloadConfig:
-        """A short run for tests: 30 requests, lengths up to 64 + 64, context 256."""
-        return cls(num_requests=30, arrivals_per_step=0.5, max_prompt=64, max_output=64, max_model_len=256)
-
-
-@dataclass(frozen=True)
-class WorkloadReport:
-    """Token slots summed over the decoding steps of a simulated run (slot-steps)."""
-
-    steps: int  # decoding steps until the last request finished
-    filled_slot_steps: int  # slots holding a token's k and v: the useful memory
-    logical_slot_steps: int  # tokens as the sequences see them (a shared prompt counts once per sample)
-    paged_slot_steps: int  # slots reserved by paging (whole blocks)
-    contiguous_slot_steps: int  # slots reserved by giving every running request max_model_len up front
-    peak_paged_slots: int  # largest paging reservation at one step
-    peak_contiguous_slots: int  # largest contiguous reservation at one step
-
-    @property
-    def paged_per_filled(self) -> float:
-        return self.paged_slot_steps / self.filled_slot_steps
-
-    @property
-    def contiguous_per_filled(self) -> float:
-        """Contiguous reservation per useful slot (per logical token: contiguous caches share nothing)."""
-        return self.contiguous_slot_steps / self.logical_slot_steps
-
-    @property
-    def paged_waste(self) -> float:
-        """Share of the slots paging reserves that hold nothing."""
-        return 1.0 - self.filled_slot_steps / self.paged_slot_steps
-
-    @property
-    def contiguous_waste(self) -> float:
-        """Share of the slots contiguous preallocation reserves that hold nothing (each sample keeps its
-        own copy of the prompt there, so its useful slots are the logical ones)."""
-        return 1.0 - self.logical_slot_steps / self.contiguous_slot_steps
-
-    @property
-    def sharing_saving(self) -> float:
-        """Share of the logical tokens that prefix sharing did not have to store (0 with one sample)."""
-        return 1.0 - self.filled_slot_steps / self.logical_slot_steps
-
-
-def _requests(config: WorkloadConfig) -> list[tuple[int, int, int]]:
-    """(arrival step, prompt length, output length) per request, from the seeded generator."""
-    rng, clock, out = random.Random(config.seed), 0.0, []
-    for _ in range(config.num_requests):
-        clock += rng.expovariate(config.arrivals_per_step)
-        prompt = rng.randint(config.min_prompt, config.max_prompt)
-        out.append((int(clock), prompt, rng.randint(config.min_output, config.max_output)))
-    return out
-
-
-def _admit(manager: BlockManager, rid: int, prompt: int, output: int, samples: int, remaining: dict) -> None:
-    """Prefill a request's prompt once, then fork one sequence per further sample: all share the prompt's
-    blocks. Sequence ids are rid * samples + sample."""
-    first = rid * samples
-    manager.add_sequence(first)
-    for _ in range(prompt):
-        manager.append_slot(first)
-    for sid in range(first, first + samples):
-        if sid != first:
-            manager.fork(first, sid)
-        remaining[sid] = output
-
-
-def simulate_workload(config: WorkloadConfig | None = None) -> WorkloadReport:
-    """Run requests through a ``BlockManager``: each arrives, stores its prompt (forked once per extra
-    sample), appends one token per step and sequence until its output is complete, and is freed.
-    Sums filled, logical and reserved slots over the steps.
-
-    >>> report = simulate_workload(WorkloadConfig.tiny())
-    >>> report.paged_waste < report.contiguous_waste
-    True
-    """
-    config = WorkloadConfig() if config is None else config
-    if not isinstance(config, WorkloadConfig):
-        raise TypeError(f"config must be a WorkloadConfig, got {type(config).__name__}")
-    pending, n = _requests(config), config.samples_per_request
-    blocks_per_sequence = math.ceil(config.max_model_len / config.block_tokens)
-    manager = BlockManager(config.num_requests * n * blocks_per_sequence, config.block_tokens)
-    remaining: dict[int, int] = {}  # sequence id -> output tokens still to generate
-    totals, peaks, step, nxt = [0, 0, 0, 0], [0, 0], 0, 0
-    while nxt < len(pending) or remaining:
-        while nxt < len(pending) and pending[nxt][0] <= step:  # admit: prefill the prompt
-            _admit(manager, nxt, pending[nxt][1], pending[nxt][2], n, remaining)
-            nxt += 1
-        for sid in remaining:  # decode: one new token per running sequence
-            manager.append_slot(sid)
-            remaining[sid] -= 1
-        st = manager.stats()
-        contiguous = contiguous_reserved_slots(len(remaining), config.max_model_len)
-        for i, value in enumerate((st.slots_filled, st.logical_tokens, st.slots_reserved, contiguous)):
-            totals[i] += value
-        peaks = [max(peaks[0], st.slots_reserved), max(peaks[1], contiguous)]
-        for sid in [r for r, left in remaining.items() if left == 0]:
-            manager.free(sid)
-            del remaining[sid]
-        step += 1
-    return WorkloadReport(step, *totals, *peaks)

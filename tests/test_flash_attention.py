@@ -264,3 +264,31 @@ def test_other_bad_arguments():
     res = flash_attention_forward(q, k, v)
     with pytest.raises(ValueError, match=r"lse must have shape \(1, 1, 8\)"):
         flash_attention_backward(q, k, v, res.output, res.lse[..., :4], torch.ones_like(q))
+
+
+@pytest.mark.parametrize("t,s,causal", [(100, 100, True), (37, 90, True), (50, 50, False), (1, 70, True)])
+def test_flash_forward_stats_match_the_tiles_the_loop_runs(monkeypatch, t, s, causal):
+    import llmlab.flash_attention as fa
+
+    calls = {"scores": 0, "masked": 0}
+    real_mask = fa._tile_mask
+
+    def counting_mask(*args):
+        mask = real_mask(*args)
+        calls["masked"] += mask is not None
+        return mask
+
+    def counting_step(m, l, acc, scores, v_tile):
+        calls["scores"] += 1
+        return real_step(m, l, acc, scores, v_tile)
+
+    real_step = fa._online_step
+    monkeypatch.setattr(fa, "_tile_mask", counting_mask)
+    monkeypatch.setattr(fa, "_online_step", counting_step)
+    q, k, v = qkv(1, 2, 2, t, s, 8)
+    cfg = FlashConfig(16, 12)
+    res = flash_attention_forward(q, k, v, is_causal=causal, config=cfg)
+    assert res.stats == fa.flash_forward_stats(t, s, 8, cfg, causal, batch_heads=2)
+    # the loop handles the K = 2 heads of a tile together: per head, the counts of the formula
+    assert res.stats.tiles_computed == 2 * calls["scores"] and res.stats.tiles_masked == 2 * calls["masked"]
+    assert res.stats.tiles_computed + res.stats.tiles_skipped == 2 * -(-t // 16) * -(-s // 12)
