@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -45,7 +45,8 @@ from llmlab.decoding import (
     top_k_filter,
     top_p_filter,
 )
-from llmlab.model import LLM, ModelConfig
+from tests.models import tiny_llama as shared_tiny_llama
+from tests.models import tiny_llmlab
 
 V = 50
 
@@ -74,20 +75,7 @@ def exact(a, b):
 
 
 def tiny_llama(seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
+    return shared_tiny_llama(seed, vocab_size=V, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 def tiny_gpt2(seed):
@@ -550,8 +538,7 @@ def test_sampling_is_reproducible_with_a_generator():
 
 
 def tiny_llm(seed):
-    torch.manual_seed(seed)
-    return LLM(ModelConfig.tiny(vocab_size=V)).eval()
+    return tiny_llmlab(seed, vocab_size=V)
 
 
 def test_llm_adapter_cached_equals_uncached():
