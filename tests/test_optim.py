@@ -10,6 +10,7 @@ from torch import nn
 
 from llmlab.model import LLM, ModelConfig
 from llmlab.optim import NS_CUBIC, Muon, adjusted_lr, muon_param_groups, newton_schulz
+from tests.models import train_steps
 
 
 def polar(g: torch.Tensor) -> torch.Tensor:
@@ -168,15 +169,14 @@ def test_muon_training_lowers_the_loss():
     torch.manual_seed(7)
     model = LLM(ModelConfig.tiny(vocab_size=20))
     x = torch.randint(0, 20, (4, 16))
-    opt = Muon(muon_param_groups(model, 0.0), lr=1e-2)
-    first = None
-    for _ in range(30):
-        opt.zero_grad()
-        loss = model(x, targets=x.roll(-1, dims=1)).loss
-        loss.backward()
-        opt.step()
-        first = loss.item() if first is None else first
-    assert loss.item() < 0.5 * first
+    losses = train_steps(
+        model,
+        [x] * 30,
+        lr=1e-2,
+        optimizer=lambda _, lr: Muon(muon_param_groups(model, 0.0), lr=lr),
+        loss_fn=lambda m, ids: m(ids, targets=ids.roll(-1, dims=1)).loss,
+    )
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_muon_errors_name_the_argument():
