@@ -382,6 +382,8 @@ class Attention(nn.Module):
 
     def _split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1:  # one token (a decoding step): (B, 1, heads, D) and (B, heads, 1, D) share one layout
+            return x.view(b, heads, 1, self.head_dim)  # (B, heads, 1, D)
         return x.view(b, t, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
 
     def _rope(self, q, k, positions, rope):

@@ -194,27 +194,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(config.norm, config.n_embd, config.norm_eps, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _residual(self, x, sublayer, norm):
-        """Apply one sublayer with the configured norm placement; return (new x, sublayer extras)."""
+    def _residual(self, x, h, norm):
+        """Add the sublayer output h to the residual stream x with the configured norm placement."""
         if self.placement == "pre":
-            h, extra = sublayer(norm(x))
-            return x + _dropout(self.dropout, h), extra
-        h, extra = sublayer(x)
-        return norm(self.alpha * x + _dropout(self.dropout, h)), extra  # alpha = 1 for post-norm
+            return x + _dropout(self.dropout, h)
+        return norm(self.alpha * x + _dropout(self.dropout, h))  # alpha = 1 for post-norm
 
     def forward(self, x, *, mask, is_causal, positions, cache, rope, return_probs):
         """x (B, T, C) -> (x (B, T, C), attention probs or None, MoEStats or None)."""
-
-        def attn(h):
-            return self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions, cache=cache, rope=rope,
-                                  return_probs=return_probs)
-
-        def ffn(h):
-            out = self.mlp(h)
-            return out if isinstance(self.mlp, SparseMoE) else (out, None)
-
-        x, probs = self._residual(x, attn, self.input_layernorm)  # (B, T, C)
-        x, stats = self._residual(x, ffn, self.post_attention_layernorm)  # (B, T, C)
+        pre = self.placement == "pre"
+        h = self.input_layernorm(x) if pre else x  # pre-norm normalizes the sublayer's input
+        h, probs = self.self_attn(h, mask=mask, is_causal=is_causal, positions=positions, cache=cache, rope=rope,
+                                  return_probs=return_probs)  # (B, T, C)
+        x = self._residual(x, h, self.input_layernorm)  # (B, T, C)
+        h = self.mlp(self.post_attention_layernorm(x) if pre else x)  # (B, T, C) or ((B, T, C), MoEStats)
+        h, stats = h if isinstance(self.mlp, SparseMoE) else (h, None)
+        x = self._residual(x, h, self.post_attention_layernorm)  # (B, T, C)
         return x, probs, stats
 
 
