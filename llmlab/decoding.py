@@ -18,8 +18,9 @@ What it implements
   with adapters for llmlab's ``LLM`` (its ``KVCache``) and transformers causal LMs
   (``past_key_values``). Every decoder runs on the cache: one token per model call after the prompt.
 - ``greedy_search``, ``sample`` (multinomial with an explicit ``torch.Generator``) and
-  ``beam_search`` with transformers' length penalty, ``early_stopping`` (True / False / "never"),
-  EOS handling and ``num_return_sequences``; ``generate`` dispatches on a ``GenerationConfig``.
+  ``beam_search`` (its own module, ``llmlab.beam_search``) with transformers' length penalty,
+  ``early_stopping`` (True / False / "never"), EOS handling and ``num_return_sequences``;
+  ``generate`` dispatches on a ``GenerationConfig``.
 - Metrics for comparing strategies: distinct-n (Li et al. 2016), repeated n-gram rate, and the
   mean log-probability of a continuation under a model.
 
@@ -46,14 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from llmlab.shapes import check_float, check_int, check_tensor
 
 EARLY_STOPPING_CHOICES = (True, False, "never")
-# Beam scores that must never win use this sentinel, as transformers does; keeping the same value
-# keeps float32 rounding, and so the tie-breaking of torch.topk, identical to it.
-_NEG = -1.0e9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,7 +462,8 @@ class GenerationOutput:
     sequence_scores: torch.Tensor | None = None  # (N,)
 
 
-def _check_prompt(input_ids: torch.Tensor) -> None:
+def check_prompt(input_ids: torch.Tensor) -> None:
+    """Validate a batch of prompts: int64 token ids (B, T) with T >= 1."""
     check_tensor("input_ids", input_ids, ndim=2, layout="(B, T)")
     if input_ids.dtype != torch.long:
         raise TypeError(f"input_ids must be int64 token ids, got dtype {input_ids.dtype}")
@@ -507,7 +505,7 @@ def greedy_search(model: Any, input_ids: torch.Tensor, config: GenerationConfig)
 
     >>> out = greedy_search(model, prompt, GenerationConfig.greedy(max_new_tokens=10))  # doctest: +SKIP
     """
-    _check_prompt(input_ids)
+    check_prompt(input_ids)
     return _single_path(model, input_ids, config, generator=None)
 
 
@@ -519,7 +517,7 @@ def sample(
     input_ids (B, T) -> sequences (B * num_return_sequences, T + L); rows of one prompt are adjacent.
     Passing a seeded ``generator`` makes the draws reproducible without touching the global seed.
     """
-    _check_prompt(input_ids)
+    check_prompt(input_ids)
     if generator is None:
         generator = torch.Generator(device=input_ids.device)
         generator.seed()
@@ -528,156 +526,15 @@ def sample(
 
 
 # ----------------------------------------------------------------------------------------------
-# Beam search
-
-
-@dataclass
-class _Beams:
-    """Beam search state for B prompts: the running beams and the best finished hypotheses."""
-
-    running: torch.Tensor  # (B, W, t) token ids of the live beams (W = num_beams)
-    running_scores: torch.Tensor  # (B, W) summed log-probs of the live beams
-    finished: torch.Tensor  # (B, W, T + max_new_tokens) best finished hypotheses, padded
-    finished_len: torch.Tensor  # (B, W) their lengths
-    finished_scores: torch.Tensor  # (B, W) their length-penalized scores (-1e9 = empty slot)
-    is_finished: torch.Tensor  # (B, W) False for empty slots
-    improvable: torch.Tensor  # (B, 1) could a live beam still beat the worst finished one?
-    pad: int  # id that fills finished hypotheses after their end
-    source: torch.Tensor | None = None  # (B, W) live beam each new live beam extends (set per step)
-
-
-def _init_beams(input_ids: torch.Tensor, num_beams: int, max_len: int, pad: int) -> _Beams:
-    b, t = input_ids.shape
-    dev = input_ids.device
-    running = input_ids[:, None, :].expand(b, num_beams, t).clone()  # (B, W, T)
-    scores = torch.zeros(b, num_beams, device=dev)  # (B, W)
-    scores[:, 1:] = _NEG  # only beam 0 expands at the first step, so the W copies do not pick the same tokens
-    finished = torch.full((b, num_beams, max_len), pad, dtype=torch.long, device=dev)  # (B, W, max_len)
-    return _Beams(
-        running=running,
-        running_scores=scores,
-        finished=finished,
-        finished_len=torch.zeros(b, num_beams, dtype=torch.long, device=dev),  # (B, W)
-        finished_scores=torch.full((b, num_beams), _NEG, device=dev),  # (B, W)
-        is_finished=torch.zeros(b, num_beams, dtype=torch.bool, device=dev),  # (B, W)
-        improvable=torch.ones(b, 1, dtype=torch.bool, device=dev),  # (B, 1)
-        pad=pad,
-    )
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, W, ...) indexed along dim 1 by index (B, M) -> (B, M, ...)."""
-    while index.dim() < x.dim():
-        index = index.unsqueeze(-1)
-    return torch.take_along_dim(x, index, dim=1)
-
-
-def _expand_candidates(beams: _Beams, log_probs: torch.Tensor, n_cand: int):
-    """Score every (beam, token) extension; keep the n_cand best per prompt.
-
-    log_probs (B, W, V) -> scores (B, M), source beam (B, M), sequences (B, M, t + 1) with M = n_cand.
-    """
-    b, w, v = log_probs.shape
-    total = (log_probs + beams.running_scores[:, :, None]).reshape(b, w * v)  # (B, W * V)
-    cand_scores, flat = torch.topk(total, n_cand, dim=-1)  # (B, M) each
-    source, token = flat // v, flat % v  # (B, M) each
-    seqs = torch.cat([_gather(beams.running, source), token[:, :, None]], dim=-1)  # (B, M, t + 1)
-    return cand_scores, source, seqs
-
-
-def _update_finished(beams: _Beams, cand, done, num_new: int, lp: float, early_stopping) -> None:
-    """Merge candidates that just finished into the W best finished hypotheses.
-
-    Only the W best candidates may finish (the others are spares that keep W beams alive), and
-    their score is divided by num_new ** length_penalty, num_new counting the generated tokens
-    (EOS included, prompt excluded). A full set (early_stopping=True) or a hopeless prompt takes
-    no new hypotheses. Penalties are added in transformers' order so that float32 rounding matches.
-    """
-    cand_scores, _, seqs = cand
-    w = beams.running.shape[1]
-    done = done.clone()  # (B, M)
-    done[:, w:] = False
-    s = cand_scores / (num_new**lp)  # (B, M)
-    s = s + (beams.is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)).float() * _NEG
-    s = s + (~beams.improvable).float() * _NEG
-    s = s + (~done).float() * _NEG
-    padded = F.pad(seqs, (0, beams.finished.shape[-1] - seqs.shape[-1]), value=beams.pad)  # (B, M, max_len)
-    lens = torch.full_like(done, seqs.shape[-1], dtype=torch.long)  # (B, M)
-    merged_scores = torch.cat([beams.finished_scores, s], dim=1)  # (B, W + M)
-    keep = torch.topk(merged_scores, w, dim=-1).indices  # (B, W)
-    beams.finished = _gather(torch.cat([beams.finished, padded], dim=1), keep)  # (B, W, max_len)
-    beams.finished_len = _gather(torch.cat([beams.finished_len, lens], dim=1), keep)  # (B, W)
-    beams.finished_scores = _gather(merged_scores, keep)  # (B, W)
-    beams.is_finished = _gather(torch.cat([beams.is_finished, done], dim=1), keep)  # (B, W)
-
-
-def _update_improvable(beams: _Beams, num_new: int, max_new: int, lp: float, early_stopping) -> None:
-    """transformers' stopping heuristic: a prompt is settled once its best live beam, scored at the
-    length it is assumed to end with, cannot beat its worst finished hypothesis. The assumed length
-    is the current one, except max_new_tokens for early_stopping="never" with length_penalty > 0
-    (then longer is better, so the bound uses the longest possible length)."""
-    length = max_new if (early_stopping == "never" and lp > 0.0) else num_new
-    best_live = beams.running_scores[:, :1] / (length**lp)  # (B, 1)
-    worst_done = beams.finished_scores.min(dim=-1, keepdim=True).values  # (B, 1)
-    worst = torch.where(beams.is_finished, worst_done, _NEG)  # (B, W)
-    beams.improvable = beams.improvable & (best_live > worst).any(dim=-1, keepdim=True)  # (B, 1)
-
-
-def _beam_step(beams: _Beams, log_probs: torch.Tensor, eos, num_new: int, max_new: int, config) -> torch.Tensor:
-    """One beam search step on log_probs (B, W, V); returns the hit mask (B, M) of the candidates."""
-    w = config.num_beams
-    cand = _expand_candidates(beams, log_probs, max(2, 1 + eos.numel()) * w)
-    cand_scores, source, seqs = cand
-    done = torch.isin(seqs[:, :, -1], eos) | (num_new >= max_new)  # (B, M): EOS or out of length
-    live_scores = cand_scores + done.float() * _NEG  # (B, M)
-    best_live = torch.topk(live_scores, w, dim=-1).indices  # (B, W)
-    _update_finished(beams, cand, done, num_new, config.length_penalty, config.early_stopping)
-    beams.running = _gather(seqs, best_live)  # (B, W, t + 1)
-    beams.running_scores = _gather(live_scores, best_live)  # (B, W)
-    beams.source = _gather(source, best_live)  # (B, W) beam each survivor came from
-    _update_improvable(beams, num_new, max_new, config.length_penalty, config.early_stopping)
-    return done
-
-
-def _keep_going(beams: _Beams, done: torch.Tensor, early_stopping) -> bool:
-    all_full = bool(beams.is_finished.all()) and early_stopping is True
-    return bool(beams.improvable.any()) and not all_full and not bool(done.all())
+# Beam search (its own module, llmlab.beam_search)
 
 
 def beam_search(model: Any, input_ids: torch.Tensor, config: GenerationConfig) -> GenerationOutput:
-    """Keep the ``num_beams`` best partial sequences by summed log-probability; return the best
-    finished ones ranked by sum_logprobs / generated_len ** length_penalty.
+    """``llmlab.beam_search.beam_search``: the ``num_beams`` best sequences by length-normalized
+    log-probability, equal to ``model.generate(num_beams=W, do_sample=False, ...)`` token for token."""
+    from llmlab.beam_search import beam_search as _beam_search  # it builds on this module
 
-    input_ids (B, T) -> sequences (B * num_return_sequences, T + L), rows of one prompt adjacent and
-    best first; ``sequence_scores`` (B * num_return_sequences,). Equals ``model.generate(num_beams=W,
-    do_sample=False, ...)`` token for token, early_stopping semantics included.
-    """
-    _check_prompt(input_ids)
-    lm, (b, t), w = as_decoding_model(model), input_ids.shape, config.num_beams
-    dev = input_ids.device
-    eos = torch.tensor(config.eos_ids, dtype=torch.long, device=dev)  # (number of EOS ids,)
-    pad = config.pad_id if config.pad_id is not None else -1
-    beams = _init_beams(input_ids, w, t + config.max_new_tokens, pad)
-    logits, state = lm.prefill(input_ids)  # (B, V)
-    rows = torch.arange(b, device=dev).repeat_interleave(w)  # (B * W,): every prompt W times
-    logits, state = logits[rows], lm.reorder(state, rows)  # (B * W, V)
-    for num_new in range(1, config.max_new_tokens + 1):
-        flat_seqs = beams.running.reshape(b * w, -1)  # (B * W, t)
-        log_probs = process_logits(logits.log_softmax(dim=-1), flat_seqs, t, config, sampling=False)  # (B * W, V)
-        done = _beam_step(beams, log_probs.view(b, w, -1), eos, num_new, config.max_new_tokens, config)  # (B, M)
-        if not _keep_going(beams, done, config.early_stopping):
-            break
-        src = (beams.source + torch.arange(b, device=dev)[:, None] * w).reshape(-1)  # (B * W,)
-        logits, state = lm.step(beams.running[:, :, -1].reshape(-1), lm.reorder(state, src))  # (B * W, V)
-    return _beam_output(beams, t, config.num_return_sequences)
-
-
-def _beam_output(beams: _Beams, prompt_len: int, num_return: int) -> GenerationOutput:
-    b = beams.finished.shape[0]
-    length = int(beams.finished_len[:, :num_return].max())
-    seqs = beams.finished[:, :num_return, :length].reshape(b * num_return, length)  # (B * R, T + L)
-    scores = beams.finished_scores[:, :num_return].reshape(-1)  # (B * R,)
-    return GenerationOutput(sequences=seqs, sequence_scores=scores)
+    return _beam_search(model, input_ids, config)
 
 
 def generate(
@@ -744,7 +601,7 @@ def continuation_log_probs(model: Any, prompt_ids: torch.Tensor, continuation_id
 
     prompt_ids (B, T), continuation_ids (B, L) -> (B, L). Runs prefill then one cached step per token.
     """
-    _check_prompt(prompt_ids)
+    check_prompt(prompt_ids)
     check_tensor("continuation_ids", continuation_ids, ndim=2, layout="(B, L)")
     if continuation_ids.shape[0] != prompt_ids.shape[0]:
         raise ValueError(
