@@ -46,15 +46,16 @@ lint: install
 	$(BIN)/ruff check llmlab tests notebooks scripts benchmarks
 	$(BIN)/python scripts/nbtools.py check
 
-# Unit tests, notebook structure tests and strict nbval over every notebook, in one pytest run
-# so that it ends with a single summary line; per-notebook wall times are printed above it.
+# Unit tests, the package's docstring examples, notebook structure tests and strict nbval over
+# every notebook, in one pytest run so that it ends with a single summary line; per-notebook wall
+# times are printed above it.
 test: lint
-	$(BIN)/python -m pytest tests notebooks -n $(WORKERS) --dist loadfile \
+	$(BIN)/python -m pytest tests llmlab notebooks --doctest-modules -n $(WORKERS) --dist loadfile \
 	    --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	    --nbval-cell-timeout 300 --durations 10
 
 unit: install
-	$(BIN)/python -m pytest tests -n $(WORKERS)
+	$(BIN)/python -m pytest tests llmlab --doctest-modules -n $(WORKERS)
 
 nbval: install
 	$(BIN)/python -m pytest notebooks -n $(WORKERS) --dist loadfile \

@@ -48,7 +48,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
     x, mask: same shape, e.g. (B, T). Raises if the mask selects nothing (the mean is undefined).
 
-    >>> masked_mean(torch.tensor([[1., 2., 9.]]), torch.tensor([[1, 1, 0]]))  # tensor(1.5000)
+    >>> masked_mean(torch.tensor([[1., 2., 9.]]), torch.tensor([[1, 1, 0]]))
+    tensor(1.5000)
     """
     check_tensor("x", x)
     check_tensor("mask", mask)
@@ -68,6 +69,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logits (..., V) -> (...). Computed in float32 at least.
 
     >>> entropy_from_logits(torch.zeros(2, 4))  # log 4 at both positions
+    tensor([1.3863, 1.3863])
     """
     check_tensor("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -104,7 +106,8 @@ def group_normalized_advantages(
     DeepSeekMath's GRPO (Shao et al. 2024, section 4.1.2); ``normalize_by_std=False`` keeps only
     the mean baseline (Dr. GRPO, Liu et al. 2025, argue the std division biases the objective).
 
-    >>> group_normalized_advantages(torch.tensor([1., 0., 0., 0.]), group_size=2)  # [0.707, -0.707, 0, 0]
+    >>> group_normalized_advantages(torch.tensor([1., 0., 0., 0.]), group_size=2)
+    tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
     check_tensor("rewards", rewards, ndim=1, layout="(N*G,)")
     g = check_int("group_size", group_size, minimum=1)

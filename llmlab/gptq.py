@@ -99,7 +99,11 @@ def gptq_quantize_weight(weight: torch.Tensor, h: torch.Tensor, config: GPTQConf
     original weight; a group's scale from its columns when the algorithm reaches the group (they
     already carry the error compensation of the columns before them), as in the reference code.
 
-    >>> q = gptq_quantize_weight(layer.weight, hessian(x), GPTQConfig(bits=4))
+    >>> _ = torch.manual_seed(0)
+    >>> layer, x = nn.Linear(16, 8), torch.randn(64, 16)  # x: calibration inputs (N, in)
+    >>> q = gptq_quantize_weight(layer.weight.detach(), hessian(x), GPTQConfig(bits=4))
+    >>> q.dequantize().shape
+    torch.Size([8, 16])
     """
     config = config or GPTQConfig()
     check_tensor("weight", weight, ndim=2, layout="(out, in)")

@@ -36,7 +36,8 @@ def setup(seed: int = 0, threads: int = 1, device: str = "cpu") -> torch.device:
 
     ``device="auto"`` picks CUDA, then MPS, then CPU. Results in the committed outputs come from CPU.
 
-    >>> device = setup(seed=0)
+    >>> device = setup(seed=0)  # doctest: +ELLIPSIS
+    python ... | torch ... | device cpu
     """
     seed_everything(seed)
     torch.set_num_threads(check_int("threads", threads, minimum=1))
