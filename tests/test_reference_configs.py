@@ -15,12 +15,14 @@ from llmlab.reference_configs import (
     reference_config_names,
 )
 
-NAMES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3", "gpt2", "gpt3-175b", "llama-2-13b",
-         "llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b", "llama-3.1-8b", "llama-7b", "mistral-7b-v0.1",
-         "mistral-7b-v0.3", "mixtral-8x7b")
-DESCRIBED = [n for n in NAMES if n not in ("chatglm-6b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3")]  # Architecture presets
-IN_TRANSFORMERS = ["deepseek-v2", "deepseek-v2-lite", "deepseek-v3", "gpt2", "llama-2-13b", "llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b",
-                   "llama-3.1-8b", "llama-7b", "mistral-7b-v0.1", "mistral-7b-v0.3", "mixtral-8x7b"]
+NAMES = ("chatglm-6b", "chatglm2-6b", "chatglm3-6b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3", "gpt2",
+         "gpt3-175b", "llama-2-13b", "llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b", "llama-3.1-8b",
+         "llama-7b", "mistral-7b-v0.1", "mistral-7b-v0.3", "mixtral-8x7b")
+NOT_DESCRIBED = ("chatglm-6b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3")
+DESCRIBED = [n for n in NAMES if n not in NOT_DESCRIBED]  # Architecture presets
+IN_TRANSFORMERS = ["deepseek-v2", "deepseek-v2-lite", "deepseek-v3", "gpt2", "llama-2-13b", "llama-2-70b",
+                   "llama-2-7b", "llama-3-70b", "llama-3-8b", "llama-3.1-8b", "llama-7b", "mistral-7b-v0.1",
+                   "mistral-7b-v0.3", "mixtral-8x7b"]
 
 # GPT-3: Table 2.1 says 175.0B; the architecture it describes (GPT-2 layout, d_ff = 4 d_model, vocab
 # 50257, 2048 learned positions) has 174.6B. The paper gives no more digits and no config, so the
