@@ -65,3 +65,18 @@ def test_bad_inputs(model):
                             position="alibi"))
     with pytest.raises(ValueError, match="position='rope'"):
         streaming_logits(alibi, torch.zeros(1, 3, dtype=torch.long), 1, 2)
+
+
+def test_committed_result_has_the_layout_notebook_20_reads():
+    from llmlab.notebook import load_result
+
+    rec = load_result("modern_sinks")
+    assert rec["command"] == "python scripts/modern_sinks.py"
+    assert len(rec["first_token_attention"]) == 4 and 0 < rec["uniform_attention"] < 1
+    for w in ("128", "64", "32"):
+        row = rec["by_window"][w]
+        assert set(row) == {"reference", "sink0", "sink1", "sink4"}
+        assert all(len(r["far_by_row"]) == rec["rows"] and r["far_mean"] > 0 for r in row.values())
+        # before any eviction every variant is the same model on the same tokens
+        early = [r["early_mean"] for r in row.values()]
+        assert max(early) - min(early) < 1e-4

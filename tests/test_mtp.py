@@ -81,3 +81,15 @@ def test_bad_inputs(pair):
         mtp_forward(model, mtp, torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be"):
         mtp_loss(torch.zeros(2, 5, V), torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_committed_result_has_the_layout_notebook_20_reads():
+    from llmlab.notebook import load_result
+
+    rec = load_result("modern_mtp")
+    assert rec["command"] == "python scripts/modern_mtp.py"
+    assert [p["step"] for p in rec["curve"]] == list(range(0, rec["steps"] + 1, 50))
+    assert set(rec["decoding"]) == {"greedy", "sampled_t1"}
+    for row in rec["decoding"].values():
+        # k = 1: each main pass yields 1 token, or 2 when the draft is accepted
+        assert 0 <= row["acceptance_rate"] <= 1 and 1 <= row["tokens_per_main_pass"] <= 2
