@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 # the other pytest worker and the notebook kernels several times over.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: lab test test-colab install lint unit nbval notebooks check-notebooks bench clean
+.PHONY: lab test test-colab install lint unit nbval notebooks check-notebooks bench clean site flashcards test-site
 
 # JupyterLab settings for this project's environment (no news pop-up): copied into the venv.
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
@@ -71,6 +71,17 @@ notebooks: install
 # outside the repository). Not part of `make test`. See scripts/test_colab.sh.
 test-colab: install
 	bash scripts/test_colab.sh
+
+# Study tools (README, "Study tools"): the static site with search, the Anki deck, their browser and
+# read-back tests (these also run inside `make test`).
+site: install
+	$(BIN)/python scripts/build_site.py
+
+flashcards: install
+	$(BIN)/python scripts/build_flashcards.py
+
+test-site: install
+	$(BIN)/python -m pytest tests/test_site.py tests/test_flashcards.py -q -p no:xdist
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
