@@ -176,11 +176,36 @@ class PipelineStage(nn.Module):
         return self.lm_head(self.norm(h)) if self.last else h  # (b, T, V) or (b, T, C)
 
 
+def _forward_micro(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Tensor, i: int, n_micro: int,
+                   timeline: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch ``i`` through one stage: its input sliced (first stage) or received from the
+    previous rank, the stage's forward pass (recorded in ``timeline``), and on the last stage that
+    micro-batch's share of the mean loss. Returns (input, output); sending is the caller's."""
+    import torch.nn.functional as F
+
+    dist = _dist()
+    b, t = input_ids.shape
+    mb = b // n_micro
+    if stage.first:
+        h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
+    else:
+        w = next(stage.parameters())  # received tensors live where the stage does
+        h_in = torch.empty(mb, t, stage.config.n_embd, device=w.device, dtype=w.dtype)  # (b, T, C)
+        dist.recv(h_in, dist.get_rank() - 1)
+        h_in.requires_grad_(True)
+    start = time.perf_counter()
+    out = stage(h_in)
+    if stage.last:
+        y = targets[i * mb:(i + 1) * mb]  # (b, T)
+        out = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100) / n_micro
+    timeline.append(("F", i, start, time.perf_counter()))
+    return h_in, out
+
+
 def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Tensor, n_micro: int):
     """One GPipe step: all micro-batch forwards, then all backwards; activations and their
     gradients travel between neighbouring ranks with send/recv. Gradients accumulate in the stage.
     Returns (loss on the last rank else None, timeline [(kind, micro, start_s, end_s)])."""
-    import torch.nn.functional as F
 
     b, t = input_ids.shape
     if n_micro < 1 or b % n_micro:
@@ -192,20 +217,10 @@ def gpipe_step(stage: PipelineStage, input_ids: torch.Tensor, targets: torch.Ten
     like = {"device": w.device, "dtype": w.dtype}  # received tensors live where the stage does
     ins, outs, timeline, loss = [], [], [], None
     for i in range(n_micro):
-        if stage.first:
-            h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
-        else:
-            h_in = torch.empty(mb, t, c, **like)
-            dist.recv(h_in, rank - 1)
-            h_in.requires_grad_(True)
-        start = time.perf_counter()
-        out = stage(h_in)
+        h_in, out = _forward_micro(stage, input_ids, targets, i, n_micro, timeline)
         if stage.last:
-            y = targets[i * mb:(i + 1) * mb]  # (b, T)
-            out = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100) / n_micro
             loss = out.detach() if loss is None else loss + out.detach()
-        timeline.append(("F", i, start, time.perf_counter()))
-        if not stage.last:
+        else:
             dist.send(out.detach(), rank + 1)
         ins.append(h_in)
         outs.append(out)
@@ -229,7 +244,6 @@ def one_f_one_b_step(stage: PipelineStage, input_ids: torch.Tensor, targets: tor
     p - r micro-batches' activations at once instead of m. Sends are non-blocking (``isend``), so
     the interleaved sends and receives of neighbours cannot deadlock.
     Returns (loss on the last rank else None, timeline, peak number of micro-batches in flight)."""
-    import torch.nn.functional as F
 
     b, t = input_ids.shape
     if n_micro < 1 or b % n_micro:
@@ -243,20 +257,10 @@ def one_f_one_b_step(stage: PipelineStage, input_ids: torch.Tensor, targets: tor
 
     def forward(i):
         nonlocal loss, peak
-        if stage.first:
-            h_in = input_ids[i * mb:(i + 1) * mb]  # (b, T)
-        else:
-            h_in = torch.empty(mb, t, c, **like)
-            dist.recv(h_in, rank - 1)
-            h_in.requires_grad_(True)
-        start = time.perf_counter()
-        out = stage(h_in)
+        h_in, out = _forward_micro(stage, input_ids, targets, i, n_micro, timeline)
         if stage.last:
-            y = targets[i * mb:(i + 1) * mb]  # (b, T)
-            out = F.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100) / n_micro
             loss = out.detach() if loss is None else loss + out.detach()
-        timeline.append(("F", i, start, time.perf_counter()))
-        if not stage.last:
+        else:
             sends.append(dist.isend(out.detach(), rank + 1))
         pending[i] = (h_in, out)
         peak = max(peak, len(pending))
