@@ -1,6 +1,6 @@
 """Peak extra memory of attention at T = 8192, D = 64, one head: naive (llmlab.attention's
 from-scratch scaled_dot_product_attention) vs tiled (FlashAttention) vs PyTorch's fused kernel,
-measured in one run with llmlab.flash_attention.measure_peak_memory.
+measured in one run with llmlab.memory.measure_peak_memory.
 
 "Extra" is everything allocated while the call runs (score/probability matrices, tiles, the output,
 the log-sum-exp), above what was allocated before it (q, k, v). The claim checked: the tiled
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.attention import scaled_dot_product_attention
-from llmlab.flash_attention import FlashConfig, flash_attention_forward, measure_peak_memory
+from llmlab.flash_attention import FlashConfig, flash_attention_forward
+from llmlab.memory import measure_peak_memory
 from llmlab.notebook import format_seconds, time_call
 
 MAX_RATIO = 0.1  # tiled peak / naive peak must not exceed this

@@ -17,9 +17,8 @@ What it implements
   comparison, is ``llmlab.attention.scaled_dot_product_attention``.
 - Counting helpers: ``attention_flops`` (4 T S D per head), ``hbm_traffic_standard`` and
   ``hbm_traffic_flash`` (the IO analysis of the FlashAttention paper, section 3.2, counted for this
-  module's FlashAttention-2 loop order; the paper's Theorem 2 is for its K/V-outer loop), and
-  ``measure_peak_memory`` (peak bytes allocated while a function runs; it lives in
-  ``llmlab.memory`` and is imported here, where the notebooks first use it).
+  module's FlashAttention-2 loop order; the paper's Theorem 2 is for its K/V-outer loop). Peak
+  memory is measured with ``llmlab.memory.measure_peak_memory``.
 
 Conventions follow ``llmlab.attention.scaled_dot_product_attention`` (and so the signature of
 ``torch.nn.functional.scaled_dot_product_attention``): q (B, H, T, D), k and v (B, K, S, D), GQA
@@ -41,7 +40,6 @@ from dataclasses import dataclass
 import torch
 
 from llmlab.attention import _check_qkv
-from llmlab.memory import measure_peak_memory  # noqa: F401  (re-exported)
 from llmlab.shapes import check_int, check_tensor
 
 # ----------------------------------------------------------------------------------------------

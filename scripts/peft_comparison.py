@@ -30,7 +30,7 @@ Measured for each method (written to JSON, read by the notebooks):
 - ``resident_bytes``: every parameter and buffer of the model as stored (QLoRA's base is NF4).
 - ``step_peak_bytes``: the peak of bytes allocated during the first optimizer step (forward,
   backward, AdamW creating its moments) above the level before it, from PyTorch's profiler
-  (``llmlab.flash_attention.measure_peak_memory``): activations, gradients, optimizer state and
+  (``llmlab.memory.measure_peak_memory``): activations, gradients, optimizer state and
   temporaries. It is exact and repeatable on one machine and set of versions.
 - ``peak_train_bytes`` = resident + step peak: the memory training needs at its high point.
 - ``seconds_per_step`` (median over the run's steps) and ``train_seconds`` (all steps but the
@@ -80,8 +80,8 @@ from llmlab.adapters import (
 )
 from llmlab.checkpoint import load_pretrained
 from llmlab.data import generate_corpus, get_batch, train_val_split
-from llmlab.flash_attention import measure_peak_memory
 from llmlab.lora import LoRAConfig, inject_lora
+from llmlab.memory import measure_peak_memory
 from llmlab.notebook import save_result, seed_everything
 from llmlab.peft_domain import generate_recipes
 from llmlab.prompt_tuning import PrefixConfig, PrefixModel, PromptConfig, SoftPromptModel, input_embedding

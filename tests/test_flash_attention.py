@@ -19,9 +19,9 @@ from llmlab.flash_attention import (
     flash_attention_forward,
     hbm_traffic_flash,
     hbm_traffic_standard,
-    measure_peak_memory,
     online_softmax,
 )
+from llmlab.memory import measure_peak_memory
 
 TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
 

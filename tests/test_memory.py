@@ -314,8 +314,11 @@ def test_estimator_rejects_bad_input():
         activation_bytes(Architecture.mixtral_8x7b(), 1, 8)
 
 
-def test_measure_peak_memory_moved_and_still_importable_from_flash_attention():
-    assert llmlab.flash_attention.measure_peak_memory is measure_peak_memory
+def test_measure_peak_memory_has_one_home():
+    # it moved to llmlab.memory; flash_attention no longer re-exports it (that import closed a
+    # cycle model -> flash_attention -> memory -> model)
+    assert not hasattr(llmlab.flash_attention, "measure_peak_memory")
+    assert measure_peak_memory.__module__ == "llmlab.memory"
     _, peak = measure_peak_memory(lambda: torch.zeros(256).exp())
     assert peak == 2048  # the zeros and their exp exist together
     _, kept = measure_retained_memory(lambda: torch.zeros(256).exp())
