@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llmlab import exercises as ex
+from llmlab.exercises import nb01, nb13
 
 
 def causal(t):
@@ -201,5 +202,5 @@ def test_reference_decoder_count_equals_the_published_llama2_7b_total():
               if k in ref.fields}
     fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
     fields.setdefault("tie_word_embeddings", False)
-    assert ex._decoder_parameters_reference(fields) == decoder_parameters(fields) == 6_738_415_616
-    assert math.isclose(ex._mixed_precision_bytes_reference(10**9, "adamw") / 10**9, 16.0)
+    assert nb01._decoder_parameters_reference(fields) == decoder_parameters(fields) == 6_738_415_616
+    assert math.isclose(nb13._mixed_precision_bytes_reference(10**9, "adamw") / 10**9, 16.0)

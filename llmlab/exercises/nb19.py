@@ -1,0 +1,9 @@
+"""Exercise checkers for notebook 19 Retrieval-augmented generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__: list[str] = []
+
+MISTAKES: dict[str, dict[str, tuple[Callable, str]]] = {}
