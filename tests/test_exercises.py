@@ -125,9 +125,11 @@ SOLUTIONS = {
 }
 
 
-def test_every_checker_has_a_solution_and_at_least_two_mistakes():
+def test_every_checker_has_at_least_two_mistakes():
+    # the checkers of notebooks 01-05, 08, 09, 11, 13 and 14 have their solutions here; the others in
+    # tests/test_exercises_nbXX.py, next to their module llmlab/exercises/nbXX.py
     checkers = {name[len("check_"):] for name in ex.__all__ if name.startswith("check_")}
-    assert checkers == set(SOLUTIONS) == set(ex.MISTAKES)
+    assert set(SOLUTIONS) <= checkers == set(ex.MISTAKES)
     assert all(len(m) >= 2 for m in ex.MISTAKES.values())
 
 
@@ -145,7 +147,7 @@ MISTAKE_CASES = [(name, mistake) for name in sorted(ex.MISTAKES) for mistake in 
 
 @pytest.mark.parametrize(("name", "mistake"), MISTAKE_CASES, ids=[f"{n}-{m}" for n, m in MISTAKE_CASES])
 def test_checker_rejects_a_plausible_mistake_and_names_it(name, mistake):
-    check, _ = SOLUTIONS[name]
+    check = getattr(ex, f"check_{name}")  # every notebook module's checkers, not only those above
     wrong, why = ex.MISTAKES[name][mistake]
     for seed in (0, 1, 2):
         verdict = check(wrong, seed=seed, verbose=False)
