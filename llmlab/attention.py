@@ -20,8 +20,10 @@ What it implements
   fused PyTorch kernel by default (``impl="sdpa"``) and the from-scratch path on request
   (``impl="manual"``, which can also return the attention probabilities).
 
-What it leaves out: sliding-window and sparse attention, cross-attention, paged and flash
-attention (separate modules build on this one). Shape letters follow ``llmlab.shapes``.
+What it leaves out: sliding-window and sparse attention, cross-attention, paged attention (a
+separate module builds on this one). The tiled kernel behind ``impl="flash"`` lives in
+``llmlab.flash_attention``; both modules validate q, k, v with ``llmlab.shapes.check_qkv``.
+Shape letters follow ``llmlab.shapes``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.flash_attention import flash_attention
 from llmlab.positional import alibi_bias, apply_rope, rope_cos_sin
-from llmlab.shapes import check_choice, check_float, check_int, check_tensor
+from llmlab.shapes import check_choice, check_float, check_int, check_qkv, check_tensor
 
 ATTENTION_IMPLS = ("sdpa", "manual", "flash")
 ATTENTION_POSITIONS = ("rope", "alibi", "none")
@@ -126,34 +129,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.repeat_interleave(n_rep, dim=1)  # (B, H, S, D)
 
 
-def _check_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False, is_causal: bool = False
-) -> int:
-    """Validate q (B, H, T, D), k and v (B, K, S, D) for the attention kernels of this module and of
-    ``llmlab.flash_attention``; return n_rep = G = H / K (query heads per key/value head)."""
-    check_tensor("q", q, ndim=4, layout="(B, H, T, D)")
-    check_tensor("k", k, ndim=4, layout="(B, K, S, D)")
-    check_tensor("v", v, ndim=4, layout="(B, K, S, D)")
-    if not (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype):
-        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, K, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch B and head dim D")
-    if min(q.shape[2], k.shape[2], q.shape[-1]) < 1:
-        raise ValueError(f"T, S and D must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    h, kv = q.shape[1], k.shape[1]
-    if h != kv and not enable_gqa:
-        raise ValueError(f"q has {h} heads but k/v have {kv}; pass enable_gqa=True for grouped-query attention")
-    if h % kv:
-        raise ValueError(f"the number of query heads H={h} must be a multiple of key/value heads K={kv}")
-    if is_causal and q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"is_causal needs T <= S (queries are the last T of S positions), got T={q.shape[2]} > S={k.shape[2]}"
-        )
-    return h // kv
-
-
 def attention_bias(
     mask: torch.Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor | None:
@@ -181,7 +156,7 @@ def attention_probs(
 
     q (B, H, T, D), k (B, K, S, D) -> probabilities (B, H, T, S).
     """
-    n_rep = _check_qkv(q, k, k, enable_gqa, is_causal)
+    n_rep = check_qkv(q, k, k, enable_gqa, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale  # 1/sqrt(d_k): keeps logits at unit variance
     k = repeat_kv(k, n_rep)  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
@@ -213,7 +188,7 @@ def scaled_dot_product_attention(
     >>> scaled_dot_product_attention(q, k, v, is_causal=True).shape
     torch.Size([1, 2, 5, 8])
     """
-    n_rep = _check_qkv(q, k, v, enable_gqa, is_causal)
+    n_rep = check_qkv(q, k, v, enable_gqa, is_causal)
     probs = attention_probs(q, k, mask, is_causal, scale, enable_gqa)  # (B, H, T, S)
     return probs @ repeat_kv(v, n_rep)  # (B, H, T, D)
 
@@ -459,8 +434,6 @@ class Attention(nn.Module):
 
     def _flash(self, q, k, v, mask, is_causal):
         """llmlab.flash_attention's tiled kernel (its own backward pass): causal or unmasked only."""
-        from llmlab.flash_attention import flash_attention  # flash_attention builds on this module
-
         if mask is not None:
             raise ValueError("impl='flash' supports the causal mask only, got an attention mask (padding or "
                              "custom); use impl='sdpa' or 'manual'")

@@ -17,7 +17,7 @@ What it implements (``beam_search``), for each of B prompts:
    longest possible length when length_penalty > 0). Decoding stops when every prompt is settled.
 The answer is each prompt's finished hypotheses, best first.
 
-The model is queried through ``llmlab.decoding``'s ``DecodingModel`` (prefill / step / reorder),
+The model is queried through ``llmlab.generation``'s ``DecodingModel`` (prefill / step / reorder),
 so any KV cache works (``llmlab.paged_decoding`` shares the prompt's blocks across beams).
 
 What it leaves out: diverse / constrained / group beam search and beam sampling.
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from llmlab.decoding import GenerationConfig, GenerationOutput, as_decoding_model, check_prompt, process_logits
+from llmlab.generation import GenerationConfig, GenerationOutput, as_decoding_model, check_prompt, process_logits
 
 
 @dataclass

@@ -39,8 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmlab.attention import _check_qkv
-from llmlab.shapes import check_int, check_tensor
+from llmlab.shapes import check_int, check_qkv, check_tensor
 
 # ----------------------------------------------------------------------------------------------
 # Configuration and results
@@ -224,7 +223,7 @@ def flash_attention_forward(
     >>> res.output.shape, res.stats.tiles_skipped
     (torch.Size([1, 2, 100, 16]), 42)
     """
-    group = _check_qkv(q, k, v, enable_gqa, is_causal)
+    group = check_qkv(q, k, v, enable_gqa, is_causal)
     config = _check_config(config)
     scale = _scale(scale, q.shape[-1])
     b, h, t, d = q.shape
@@ -323,7 +322,7 @@ def flash_attention_backward(
 
     q, out, grad_out (B, H, T, D); k, v (B, K, S, D); lse (B, H, T) -> dq (B, H, T, D), dk, dv (B, K, S, D).
     """
-    group = _check_qkv(q, k, v, enable_gqa=True, is_causal=is_causal)
+    group = check_qkv(q, k, v, enable_gqa=True, is_causal=is_causal)
     config = _check_config(config)
     for name, x, shape in (("out", out, q.shape), ("grad_out", grad_out, q.shape), ("lse", lse, q.shape[:3])):
         check_tensor(name, x)

@@ -98,3 +98,31 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     options = tuple(choices)
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in options)}; got {value!r}")
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False, is_causal: bool = False
+) -> int:
+    """Validate q (B, H, T, D), k and v (B, K, S, D) for the attention kernels of ``llmlab.attention``
+    and ``llmlab.flash_attention``; return n_rep = G = H / K (query heads per key/value head)."""
+    check_tensor("q", q, ndim=4, layout="(B, H, T, D)")
+    check_tensor("k", k, ndim=4, layout="(B, K, S, D)")
+    check_tensor("v", v, ndim=4, layout="(B, K, S, D)")
+    if not (q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype):
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, K, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch B and head dim D")
+    if min(q.shape[2], k.shape[2], q.shape[-1]) < 1:
+        raise ValueError(f"T, S and D must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    h, kv = q.shape[1], k.shape[1]
+    if h != kv and not enable_gqa:
+        raise ValueError(f"q has {h} heads but k/v have {kv}; pass enable_gqa=True for grouped-query attention")
+    if h % kv:
+        raise ValueError(f"the number of query heads H={h} must be a multiple of key/value heads K={kv}")
+    if is_causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"is_causal needs T <= S (queries are the last T of S positions), got T={q.shape[2]} > S={k.shape[2]}"
+        )
+    return h // kv
