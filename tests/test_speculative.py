@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmlab.speculative import (
     autoregressive_generate,
@@ -23,6 +22,7 @@ from llmlab.speculative import (
     speculative_generate,
     verify,
 )
+from tests.models import tiny_llama
 
 
 class Bigram:
@@ -35,12 +35,8 @@ class Bigram:
         return SimpleNamespace(logits=self.table[ids])  # (1, T, V)
 
 
-def tiny_llama(seed: int, layers: int = 2, width: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=16, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+# The shared tiny Llama (tests/models.py) with a 16-token vocabulary and no special tokens.
+SPECULATIVE_LLAMA = {"vocab_size": 16, "bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
 
 
 def test_emitted_distribution_is_the_target_for_any_draft():
@@ -118,8 +114,8 @@ def test_chi_square_sf_matches_scipy():
 
 
 def test_greedy_equals_target_alone_and_transformers_assisted_generation():
-    target = tiny_llama(0)
-    draft = tiny_llama(0)
+    target = tiny_llama(0, **SPECULATIVE_LLAMA)
+    draft = tiny_llama(0, **SPECULATIVE_LLAMA)
     with torch.no_grad():  # a perturbed copy: it agrees often, but not always
         draft.lm_head.weight.add_(0.5 * draft.lm_head.weight.std() * torch.randn_like(draft.lm_head.weight))
     for prompt in ([1, 5, 7], [3, 3, 9, 2, 11]):
@@ -135,7 +131,7 @@ def test_greedy_equals_target_alone_and_transformers_assisted_generation():
 
 
 def test_perfect_draft_accepts_everything():
-    target = tiny_llama(0)
+    target = tiny_llama(0, **SPECULATIVE_LLAMA)
     out = speculative_generate(target, target, torch.tensor([[1, 2]]), 17, k=4,
                                generator=torch.Generator().manual_seed(0))
     assert out.acceptance_rate == 1.0
