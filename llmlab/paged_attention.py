@@ -171,8 +171,6 @@ class BlockManager:
         self.block_tokens = check_int("block_tokens", block_tokens, minimum=1)
         self._tables: dict[int, list[int]] = {}  # sequence id -> physical block per logical block
         self._lengths: dict[int, int] = {}  # sequence id -> tokens stored
-        self._fill = [0] * num_blocks  # filled slots per physical block
-        self._filled_total = 0
 
     def _seq(self, seq_id: int) -> list[int]:
         if seq_id not in self._tables:
@@ -210,12 +208,8 @@ class BlockManager:
             table.append(self.allocator.allocate())
         elif self.allocator.ref_count(table[-1]) > 1:  # shared with a fork: copy before writing
             copy_from, new = table[-1], self.allocator.allocate()
-            self._fill[new] = self._fill[copy_from]
-            self._filled_total += self._fill[new]
             self.allocator.decref(copy_from)  # still used by the other sequences
             table[-1] = new
-        self._fill[table[-1]] += 1
-        self._filled_total += 1
         self._lengths[seq_id] = n + 1
         return table[-1], slot, copy_from
 
@@ -231,18 +225,31 @@ class BlockManager:
     def free(self, seq_id: int) -> None:
         """Drop a finished sequence; blocks no other sequence uses go back to the free list."""
         for block in self._seq(seq_id):
-            if self.allocator.decref(block):
-                self._filled_total -= self._fill[block]
-                self._fill[block] = 0
+            self.allocator.decref(block)
         del self._tables[seq_id], self._lengths[seq_id]
 
+    def _block_fill(self) -> dict[int, int]:
+        """Filled slots of every physical block in use, from the block tables and the lengths alone.
+
+        Logical block i of a sequence of length n holds min(block_tokens, n - i * block_tokens)
+        tokens. Sequences that share a block (a fork) agree on its fill, because a write into a shared
+        block copies it first; so each physical block is counted once.
+        """
+        fill: dict[int, int] = {}
+        for seq_id, table in self._tables.items():
+            n = self._lengths[seq_id]
+            for i, block in enumerate(table):
+                fill[block] = min(self.block_tokens, n - i * self.block_tokens)
+        return fill
+
     def stats(self) -> CacheStats:
+        """Memory use computed from the state (block tables, lengths, the allocator), not counted along the way."""
         used = self.allocator.num_used
         return CacheStats(
             num_sequences=len(self._tables),
             blocks_used=used,
             slots_reserved=used * self.block_tokens,
-            slots_filled=self._filled_total,
+            slots_filled=sum(self._block_fill().values()),
             logical_tokens=sum(self._lengths.values()),
         )
 
