@@ -22,6 +22,7 @@ import torch
 
 from llmlab.distributed import CommunicationCounter, DataParallel, ZeroMixedPrecision, ring_all_reduce
 from llmlab.model import LLM, ModelConfig
+from llmlab.parameters import count_trainable_parameters
 
 __all__ = ["in_flight_peak", "notebook_run", "parallelism_bytes", "pipeline_schedules", "pipeline_timelines",
            "tiny_model", "zero_stages"]
@@ -58,7 +59,7 @@ def zero_stages(rank: int, world: int, steps: int = 3, batch: int = 4, group=Non
     b = batch // world
     data = _batches(steps, batch, 16)  # (steps, batch, T+1)
     base = tiny_model(n_layer=2)
-    out = {"num_params": sum(p.numel() for p in base.parameters()), "stages": {}}
+    out = {"num_params": count_trainable_parameters(base)[1], "stages": {}}
     for stage in range(4):
         engine = ZeroMixedPrecision(copy.deepcopy(base), stage, lr=1e-2, group=group)
         for s in range(steps):
@@ -85,10 +86,6 @@ def _tensor_parallel(model: LLM) -> LLM:
     return model
 
 
-def _numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def parallelism_bytes(rank: int, world: int, batch: int = 8, length: int = 16, n_micro: int = 4) -> dict:
     """One training step of the 4-layer tiny model under DP, TP and PP on ``world`` ranks.
 
@@ -104,7 +101,7 @@ def parallelism_bytes(rank: int, world: int, batch: int = 8, length: int = 16, n
     rows = _batches(1, batch, length)[0]  # (B, T+1)
     x, y = rows[:, :-1], rows[:, 1:]
     ref_loss = full(x, y).loss.item()
-    out = {"num_params": _numel(full), "act_bytes": batch * length * full.config.n_embd * 4}
+    out = {"num_params": count_trainable_parameters(full)[1], "act_bytes": batch * length * full.config.n_embd * 4}
     # data parallel: a full replica, gradients all-reduced
     dp = DataParallel(copy.deepcopy(full))
     b = batch // world
@@ -113,19 +110,19 @@ def parallelism_bytes(rank: int, world: int, batch: int = 8, length: int = 16, n
         dp.finish_gradient_synchronization()
     flat = torch.cat([p.grad.reshape(-1) for p in dp.module.parameters()])  # (Psi,)
     _, ring_sent = ring_all_reduce(flat)
-    out["dp"] = {"params": _numel(dp.module), "comm": dict(c.bytes), "ring_sent": ring_sent}
+    out["dp"] = {"params": count_trainable_parameters(dp.module)[1], "comm": dict(c.bytes), "ring_sent": ring_sent}
     # tensor parallel: each layer split across ranks, two all-reduces forward, two backward
     tp = _tensor_parallel(copy.deepcopy(full))
     with CommunicationCounter() as c:
         loss = tp(x, y).loss
         loss.backward()
-    out["tp"] = {"params": _numel(tp), "comm": dict(c.bytes), "calls": dict(c.calls),
+    out["tp"] = {"params": count_trainable_parameters(tp)[1], "comm": dict(c.bytes), "calls": dict(c.calls),
                  "loss_err": abs(loss.item() - ref_loss)}
     # pipeline parallel: contiguous layers per rank, activations sent forward, gradients back
     stage = PipelineStage(copy.deepcopy(full), world, rank)
     with CommunicationCounter() as c:
         loss, _ = gpipe_step(stage, x, y, n_micro=n_micro)
-    out["pp"] = {"params": _numel(stage), "comm": dict(c.bytes),
+    out["pp"] = {"params": count_trainable_parameters(stage)[1], "comm": dict(c.bytes),
                  "loss_err": None if loss is None else abs(loss.item() - ref_loss)}
     return out
 

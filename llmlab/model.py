@@ -38,6 +38,7 @@ from llmlab.attention import ATTENTION_IMPLS, Attention, KVCache, causal_mask, p
 from llmlab.ffn import GELUMLP, SwiGLUMLP, swiglu_hidden
 from llmlab.moe import MoEStats, SparseMoE, load_balancing_loss
 from llmlab.norms import NORMS, RMSNorm, make_norm
+from llmlab.parameters import count_trainable_parameters
 from llmlab.positional import ROPE_SCALINGS, LearnedPositionalEmbedding, RotaryEmbedding, sinusoidal_encoding
 from llmlab.shapes import check_choice, check_float, check_int, check_tensor
 
@@ -324,12 +325,14 @@ class LLM(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied matrices counted once). ``exclude_embeddings`` drops token/position tables."""
-        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        trainable, total = count_trainable_parameters(self)  # the package's one counter
+        count = trainable if trainable_only else total
         if exclude_embeddings:
-            params.pop(id(self.model.embed_tokens.weight), None)
+            tables = [self.model.embed_tokens.weight]
             if hasattr(self.model, "embed_positions"):
-                params.pop(id(self.model.embed_positions.weight), None)
-        return sum(p.numel() for p in params.values())
+                tables.append(self.model.embed_positions.weight)
+            count -= sum(t.numel() for t in tables if t.requires_grad or not trainable_only)  # counted above
+        return count
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KVCache with one slot per layer (``max_len`` preallocates, e.g. block_size)."""

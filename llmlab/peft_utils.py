@@ -8,9 +8,11 @@ What it implements
 - Module surgery: ``name_matches`` (peft's rule for ``target_modules``), ``find_linear_modules``,
   ``replace_module`` and ``wrap_matching_linears``, which LoRA, QLoRA, AdaLoRA and bottleneck
   adapters all use to put their layer around the matching ``nn.Linear`` modules.
-- Trainability: ``freeze``, ``set_trainable`` / ``mark_only_adapters_trainable`` and the one
+- Trainability: ``freeze`` and ``set_trainable`` / ``mark_only_adapters_trainable``. The one
   parameter counter of the package, ``count_trainable_parameters`` -> (trainable, total), like
-  peft's ``PeftModel.get_nb_trainable_parameters``; ``trainable_parameters`` is its first half.
+  peft's ``PeftModel.get_nb_trainable_parameters``, and ``trainable_parameters`` (its first half)
+  live in ``llmlab.parameters`` (below ``llmlab.model``, which counts with it too) and are
+  re-exported here; ``check_module`` lives in ``llmlab.shapes``.
 
 Reference implementation: peft (``peft.tuners.tuners_utils``: ``check_target_module_exists``,
 ``_replace_module``, ``_mark_only_adapters_as_trainable``; ``PeftModel.get_nb_trainable_parameters``).
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from llmlab.model import LLM
+from llmlab.parameters import count_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
+from llmlab.shapes import check_module
 
 # ----------------------------------------------------------------------------------------------
 # Model anatomy
@@ -106,12 +110,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 # ----------------------------------------------------------------------------------------------
 # Finding and replacing modules
-
-
-def check_module(name: str, model: object) -> None:
-    """Raise ``TypeError`` naming the argument unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def name_matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
@@ -218,29 +216,3 @@ def mark_only_adapters_trainable(model: nn.Module, keyword: str = "lora_") -> No
 def freeze(model: nn.Module) -> None:
     """requires_grad = False for every parameter of ``model``."""
     set_trainable(model, lambda name: False)
-
-
-def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, like peft's ``get_nb_trainable_parameters``; a tensor
-    shared by two modules (tied embeddings) counts once.
-
-    >>> count_trainable_parameters(nn.Linear(3, 2))  # 3 x 2 weights + 2 biases
-    (8, 8)
-    """
-    check_module("model", model)
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters with requires_grad: ``count_trainable_parameters(model)[0]``.
-
-    >>> layer = nn.Linear(3, 2)
-    >>> _ = layer.bias.requires_grad_(False)
-    >>> trainable_parameters(layer)
-    6
-    """
-    return count_trainable_parameters(model)[0]

@@ -100,6 +100,12 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in options)}; got {value!r}")
 
 
+def check_module(name: str, model: object) -> None:
+    """Raise ``TypeError`` naming the argument unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def check_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False, is_causal: bool = False
 ) -> int:
