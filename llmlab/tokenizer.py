@@ -11,7 +11,9 @@ What it implements
   which then stands in for every unknown character.
 
 Byte-level BPE lives in ``llmlab.bpe`` and WordPiece in ``llmlab.wordpiece``; both subclass
-``Tokenizer`` and load through ``load_tokenizer``. What it leaves out: chat templates.
+``Tokenizer`` and load through ``load_tokenizer``. A subclass that sets ``kind`` is registered under
+it when its class is defined, so ``tokenizer_from_dict`` finds it (and calls its ``from_dict``)
+without importing the subclasses' modules, which import this one. What it leaves out: chat templates.
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ class Tokenizer(ABC):
 
     #: name stored under "type" in the JSON form; ``load_tokenizer`` dispatches on it
     kind: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register a subclass that names its own ``kind``; a kind belongs to one class (a redefinition
+        of that class, as when its module is reloaded, replaces it)."""
+        super().__init_subclass__(**kwargs)
+        kind = vars(cls).get("kind")
+        if not kind:
+            return
+        known = _KINDS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"kind {kind!r} already names {known.__module__}.{known.__qualname__}; "
+                            f"give {cls.__qualname__} a kind of its own")
+        _KINDS[kind] = cls
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tokenizer:
+        """Inverse of ``to_dict``; every registered kind implements it."""
+        raise NotImplementedError(f"{cls.__name__} does not implement from_dict")
 
     @property
     @abstractmethod
@@ -53,6 +73,9 @@ class Tokenizer(ABC):
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
         return path
+
+
+_KINDS: dict[str, type[Tokenizer]] = {}  # "type" in the JSON form -> the Tokenizer subclass that reads it
 
 
 def _check_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
@@ -131,6 +154,10 @@ class CharTokenizer(Tokenizer):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "chars": "".join(self.chars), "unk": self.unk}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CharTokenizer:
+        return cls(list(data["chars"]), unk=data.get("unk"))
+
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size}, unk={self.unk!r})"
 
@@ -140,22 +167,10 @@ def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
     if not isinstance(data, dict):
         raise TypeError(f"data must be a dict, got {type(data).__name__}")
     kind = data.get("type")
-    if kind == CharTokenizer.kind:
-        return CharTokenizer(list(data["chars"]), unk=data.get("unk"))
-    if kind == "bpe":
-        from llmlab.bpe import BPETokenizer  # the subclasses import this module
-
-        return BPETokenizer.from_dict(data)
-    if kind == "wordpiece":
-        from llmlab.wordpiece import WordPieceTokenizer
-
-        fields = {k: v for k, v in data.items() if k not in ("type", "vocab")}
-        return WordPieceTokenizer(data["vocab"], **fields)
-    if kind == "expanded":
-        from llmlab.vocab_expansion import ExpandedTokenizer
-
-        return ExpandedTokenizer.from_dict(data)
-    raise ValueError(f"data['type'] must be one of 'char', 'bpe', 'wordpiece', 'expanded', got {kind!r}")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"data['type'] must be one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
+    return cls.from_dict(data)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -205,5 +205,11 @@ class WordPieceTokenizer(Tokenizer):
                 "lowercase": self.lowercase, "max_input_chars_per_word": self.max_input_chars_per_word,
                 "special_tokens": self.special_tokens}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WordPieceTokenizer:
+        """Inverse of ``to_dict``."""
+        fields = {k: v for k, v in data.items() if k not in ("type", "vocab")}
+        return cls(data["vocab"], **fields)
+
     def __repr__(self) -> str:
         return f"WordPieceTokenizer(vocab_size={self.vocab_size}, unk_token={self.unk_token!r})"
