@@ -107,10 +107,9 @@ def _rrf_cases(g: torch.Generator, trials: int) -> list[tuple[list[list[int]], i
 
 def check_rrf(fn: Callable[[list[list[int]], int], list[int]], trials: int = 6, seed: int | None = None,
               verbose: bool = True) -> Verdict:
-    """fn(rankings, k) -> the fused ranking: rankings is a list of ranked lists of document ids (best
-    first, each may hold a different subset), the result every id that appears in any of them,
-    ordered by sum over lists of 1 / (k + rank), rank counted from 1, ties broken by the smaller
-    id."""
+    """fn(rankings, k) -> the fused ranking: every id that appears in any of the ranked lists of
+    document ids (best first, each may hold a different subset), ordered by the sum over the lists
+    of 1 / (k + rank), rank counted from 1, highest first, ties broken by the smaller id."""
     return _run("rrf", fn, _rrf_reference, _rrf_cases(_generator(seed), trials),
                 "score(d) = sum over the lists containing d of 1 / (k + rank), with rank 1 for the first "
                 "id; sort by score, highest first, ties by the smaller id", MISTAKES["rrf"], verbose=verbose)
