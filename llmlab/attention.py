@@ -214,6 +214,24 @@ def kv_cache_bytes(
     return 2 * n_layer * n_kv_head * head_dim * tokens * batch_size * bytes_per_value
 
 
+def check_kv_update(layer_idx: int, k: torch.Tensor, v: torch.Tensor, keys: list[torch.Tensor | None]) -> None:
+    """Check one cache update (every KV cache's ``update`` starts with this), given the cache's keys per
+    layer: ``layer_idx`` names a layer; k and v are both (B, K, T, D), of one shape; and, when the layer
+    already holds keys (B, K, S, D), k has the same batch, KV heads and head dimension."""
+    check_int("layer_idx", layer_idx, minimum=0)
+    if layer_idx >= len(keys):
+        raise ValueError(f"layer_idx must be < n_layer={len(keys)}, got {layer_idx}")
+    cached = keys[layer_idx]
+    check_tensor("k", k, ndim=4, layout="(B, K, T, D)")
+    check_tensor("v", v, ndim=4, layout="(B, K, T, D)")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if cached is not None and (cached.shape[:2] != k.shape[:2] or cached.shape[-1] != k.shape[-1]):
+        raise ValueError(
+            f"k of shape {tuple(k.shape)} does not continue the cached (B, K, S, D) = {tuple(cached.shape)}"
+        )
+
+
 class KVCache:
     """Keys and values of every layer seen so far, so a new token attends to the past without
     recomputing it. Layer i holds k, v of shape (B, K, S, D).
@@ -235,18 +253,7 @@ class KVCache:
         self.lengths: list[int] = [0] * self.n_layer  # filled positions per layer
 
     def _check_update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        check_int("layer_idx", layer_idx, minimum=0)
-        if layer_idx >= self.n_layer:
-            raise ValueError(f"layer_idx must be < n_layer={self.n_layer}, got {layer_idx}")
-        check_tensor("k", k, ndim=4, layout="(B, K, T, D)")
-        check_tensor("v", v, ndim=4, layout="(B, K, T, D)")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        old = self.keys[layer_idx]
-        if old is not None and (old.shape[:2] != k.shape[:2] or old.shape[-1] != k.shape[-1]):
-            raise ValueError(
-                f"k of shape {tuple(k.shape)} does not continue the cached (B, K, S, D) = {tuple(old.shape)}"
-            )
+        check_kv_update(layer_idx, k, v, self.keys)
         if self.max_len is not None and self.lengths[layer_idx] + k.shape[2] > self.max_len:
             raise ValueError(
                 f"cache is full: {self.lengths[layer_idx]} cached + {k.shape[2]} new > max_len={self.max_len}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmlab.attention import repeat_kv
+from llmlab.attention import check_kv_update, repeat_kv
 from llmlab.positional import apply_rope
 from llmlab.shapes import check_int, check_tensor
 
@@ -56,13 +56,7 @@ class SinkCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, K, T, D) (keys before RoPE), evict, return the held (B, K, S, D) each."""
-        check_int("layer_idx", layer_idx, minimum=0)
-        if layer_idx >= self.n_layer:
-            raise ValueError(f"layer_idx must be < n_layer={self.n_layer}, got {layer_idx}")
-        check_tensor("k", k, ndim=4, layout="(B, K, T, D)")
-        check_tensor("v", v, ndim=4, layout="(B, K, T, D)")
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        check_kv_update(layer_idx, k, v, self.keys)
         old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
         keys = k if old_k is None else torch.cat([old_k, k], dim=2)  # (B, K, S + T, D)
         values = v if old_v is None else torch.cat([old_v, v], dim=2)  # (B, K, S + T, D)

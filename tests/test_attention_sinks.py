@@ -61,6 +61,10 @@ def test_bad_inputs(model):
         SinkCache(1, 1, 4).update(1, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     with pytest.raises(ValueError, match="same shape"):
         SinkCache(1, 1, 4).update(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 2, 2))
+    cache = SinkCache(1, 1, 4)
+    cache.update(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="does not continue the cached"):  # batch 1 cached, batch 2 appended
+        cache.update(0, torch.zeros(2, 1, 1, 2), torch.zeros(2, 1, 1, 2))
     alibi = LLM(ModelConfig(vocab_size=10, n_layer=1, n_embd=16, n_head=2, n_kv_head=2, ffn_hidden=32,
                             position="alibi"))
     with pytest.raises(ValueError, match="position='rope'"):
