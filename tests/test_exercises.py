@@ -1,8 +1,12 @@
 """llmlab.exercises: every checker accepts a correct solution written from the formula (not the
-package's reference) and rejects each plausible wrong one, naming it in the hint."""
+package's reference) and rejects each plausible wrong one, naming it in the hint. The solutions of
+notebooks 01-05, 08, 09, 11, 13 and 14's first exercises are here; the others are in
+tests/test_exercises_nbXX.py, which also hold each module's own checks."""
 
+import importlib
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,38 +110,48 @@ def per_channel(w):
 
 
 SOLUTIONS = {
-    "causal_mask": (ex.check_causal_mask, causal),
-    "prefix_lm_mask": (ex.check_prefix_lm_mask, prefix_lm),
-    "decoder_parameters": (ex.check_decoder_parameters, decoder_parameters),
-    "pair_counts": (ex.check_pair_counts, pair_counts),
-    "merge_pair": (ex.check_merge_pair, merge_pair),
-    "rope": (ex.check_rope, rope),
-    "attention": (ex.check_attention, attention),
-    "rmsnorm": (ex.check_rmsnorm, rmsnorm),
-    "swiglu": (ex.check_swiglu, swiglu),
-    "top_p": (ex.check_top_p, top_p),
-    "kv_cache_bytes": (ex.check_kv_cache_bytes, kv_cache_bytes),
-    "lora_merge": (ex.check_lora_merge, lora_merge),
-    "mixed_precision_bytes": (ex.check_mixed_precision_bytes, mixed_precision_bytes),
-    "loss_scale_update": (ex.check_loss_scale_update, loss_scale_update),
-    "absmax_quantize": (ex.check_absmax_quantize, absmax_quantize),
-    "per_channel_quantize": (ex.check_per_channel_quantize, per_channel),
+    "causal_mask": causal,
+    "prefix_lm_mask": prefix_lm,
+    "decoder_parameters": decoder_parameters,
+    "pair_counts": pair_counts,
+    "merge_pair": merge_pair,
+    "rope": rope,
+    "attention": attention,
+    "rmsnorm": rmsnorm,
+    "swiglu": swiglu,
+    "top_p": top_p,
+    "kv_cache_bytes": kv_cache_bytes,
+    "lora_merge": lora_merge,
+    "mixed_precision_bytes": mixed_precision_bytes,
+    "loss_scale_update": loss_scale_update,
+    "absmax_quantize": absmax_quantize,
+    "per_channel_quantize": per_channel,
 }
 
 
-def test_every_checker_has_at_least_two_mistakes():
-    # the checkers of notebooks 01-05, 08, 09, 11, 13 and 14 have their solutions here; the others in
-    # tests/test_exercises_nbXX.py, next to their module llmlab/exercises/nbXX.py
+def _all_solutions() -> dict:
+    """The solutions above and those of every tests/test_exercises_nbXX.py (one per notebook module)."""
+    solutions = dict(SOLUTIONS)
+    for path in sorted(Path(__file__).parent.glob("test_exercises_nb*.py")):
+        module = importlib.import_module(f"tests.{path.stem}")
+        assert not set(module.SOLUTIONS) & set(solutions), f"{path.name} repeats an exercise"
+        solutions.update(module.SOLUTIONS)
+    return solutions
+
+
+ALL_SOLUTIONS = _all_solutions()
+
+
+def test_every_checker_has_a_solution_and_at_least_two_mistakes():
     checkers = {name[len("check_"):] for name in ex.__all__ if name.startswith("check_")}
-    assert set(SOLUTIONS) <= checkers == set(ex.MISTAKES)
+    assert checkers == set(ALL_SOLUTIONS) == set(ex.MISTAKES)
     assert all(len(m) >= 2 for m in ex.MISTAKES.values())
 
 
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
+@pytest.mark.parametrize("name", sorted(ALL_SOLUTIONS))
 @pytest.mark.parametrize("seed", [0, 1, None])
 def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
+    verdict = getattr(ex, f"check_{name}")(ALL_SOLUTIONS[name], seed=seed)
     assert verdict, str(verdict)
     assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on ")
 

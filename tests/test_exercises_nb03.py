@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-from llmlab.exercises import MISTAKES, check_alibi_bias
+from llmlab.exercises import check_alibi_bias
 
 
 def slopes(h):
@@ -25,29 +25,15 @@ def alibi_bias(h, t):
     return torch.where(cols > rows, float("-inf"), bias)
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(seed, capsys):
-    verdict = check_alibi_bias(alibi_bias, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith("PASS [alibi_bias] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"alibi_bias": alibi_bias}
 
 
 @pytest.mark.parametrize("heads", [1, 5, 8, 12, 24])
 def test_the_solution_slopes_are_blooms(heads):
     bloom = build_alibi_tensor(torch.ones(1, 3), heads, torch.float32)  # (H, 1, S): slope_h * j
     torch.testing.assert_close(slopes(heads), bloom[:, 0, 1])
-
-
-@pytest.mark.parametrize("mistake", sorted(MISTAKES["alibi_bias"]))
-def test_checker_rejects_each_mistake_and_names_it(mistake):
-    wrong, why = MISTAKES["alibi_bias"][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check_alibi_bias(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-
-
-def test_the_checker_knows_at_least_two_mistakes():
-    assert len(MISTAKES["alibi_bias"]) >= 2
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():

@@ -3,11 +3,10 @@ formula (not llmlab's reference) and rejects each recognized mistake, naming it.
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab.exercises import MISTAKES, check_gqa_attention
+from llmlab.exercises import check_gqa_attention
 
 
 def gqa_attention(q, k, v, causal):
@@ -19,11 +18,9 @@ def gqa_attention(q, k, v, causal):
     return scores.softmax(dim=-1) @ v[:, heads]  # (B, H, T, D)
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(seed, capsys):
-    verdict = check_gqa_attention(gqa_attention, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith("PASS [gqa_attention] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"gqa_attention": gqa_attention}
 
 
 def test_the_solution_agrees_with_torch_enable_gqa():
@@ -33,18 +30,6 @@ def test_the_solution_agrees_with_torch_enable_gqa():
     for causal in (True, False):
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         torch.testing.assert_close(gqa_attention(q, k, v, causal), expected)
-
-
-@pytest.mark.parametrize("mistake", sorted(MISTAKES["gqa_attention"]))
-def test_checker_rejects_each_mistake_and_names_it(mistake):
-    wrong, why = MISTAKES["gqa_attention"][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check_gqa_attention(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-
-
-def test_the_checker_knows_at_least_two_mistakes():
-    assert len(MISTAKES["gqa_attention"]) >= 2
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from llmlab.exercises import MISTAKES, check_load_balancing_loss, check_topk_router
+from llmlab.exercises import check_load_balancing_loss, check_topk_router
 
 
 def topk_router(logits, k):
@@ -22,17 +22,9 @@ def load_balancing_loss(logits, k):
     return e * torch.dot(counts / n, probs.mean(dim=0))
 
 
-SOLUTIONS = {"topk_router": (check_topk_router, topk_router),
-             "load_balancing_loss": (check_load_balancing_loss, load_balancing_loss)}
-
-
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"topk_router": topk_router, "load_balancing_loss": load_balancing_loss}
 
 
 def test_the_solutions_agree_with_transformers_and_the_formula():
@@ -46,22 +38,6 @@ def test_the_solutions_agree_with_transformers_and_the_formula():
     reference = load_balancing_loss_func((logits,), num_experts=8, top_k=2)
     torch.testing.assert_close(load_balancing_loss(logits, 2), reference)
     assert float(load_balancing_loss(torch.zeros(6, 8), 2)) == pytest.approx(2.0)  # balanced: k
-
-
-CASES = [(name, mistake) for name in sorted(SOLUTIONS) for mistake in sorted(MISTAKES[name])]
-
-
-@pytest.mark.parametrize(("name", "mistake"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_checker_rejects_each_mistake_and_names_it(name, mistake):
-    check = SOLUTIONS[name][0]
-    wrong, why = MISTAKES[name][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-
-
-def test_each_checker_knows_at_least_two_mistakes():
-    assert all(len(MISTAKES[name]) >= 2 for name in SOLUTIONS)
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():

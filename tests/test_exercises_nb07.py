@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llmlab.exercises import MISTAKES, check_lr_schedule, check_next_token_loss
+from llmlab.exercises import check_lr_schedule, check_next_token_loss
 
 
 def next_token_loss(logits, labels):
@@ -24,17 +24,9 @@ def lr_schedule(step, max_lr, min_lr, warmup, max_steps):
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * p))
 
 
-SOLUTIONS = {"next_token_loss": (check_next_token_loss, next_token_loss),
-             "lr_schedule": (check_lr_schedule, lr_schedule)}
-
-
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on ")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"next_token_loss": next_token_loss, "lr_schedule": lr_schedule}
 
 
 def test_results_as_plain_floats_or_tensors_are_accepted():
@@ -48,23 +40,6 @@ def test_the_schedule_matches_nanogpt_numbers():
     args = (1e-3, 1e-4, 10, 110)
     assert math.isclose(lr_schedule(0, *args), 1e-3 / 11) and lr_schedule(10, *args) == 1e-3
     assert math.isclose(lr_schedule(60, *args), 5.5e-4) and math.isclose(lr_schedule(500, *args), 1e-4)
-
-
-CASES = [(name, mistake) for name in sorted(SOLUTIONS) for mistake in sorted(MISTAKES[name])]
-
-
-@pytest.mark.parametrize(("name", "mistake"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_checker_rejects_each_mistake_and_names_it(name, mistake):
-    check = SOLUTIONS[name][0]
-    wrong, why = MISTAKES[name][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-        assert f"Hint: {why}" in str(verdict)
-
-
-def test_each_checker_knows_at_least_two_mistakes():
-    assert all(len(MISTAKES[name]) >= 2 for name in SOLUTIONS)
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():

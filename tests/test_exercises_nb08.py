@@ -1,11 +1,10 @@
 """llmlab.exercises.nb08: the repetition-penalty checker accepts a solution written from CTRL's rule
 (not llmlab's reference), agrees with transformers, and rejects each recognized mistake, naming it."""
 
-import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from llmlab.exercises import MISTAKES, check_repetition_penalty
+from llmlab.exercises import check_repetition_penalty
 
 
 def repetition_penalty(logits, input_ids, penalty):
@@ -15,11 +14,9 @@ def repetition_penalty(logits, input_ids, penalty):
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(seed, capsys):
-    verdict = check_repetition_penalty(repetition_penalty, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith("PASS [repetition_penalty] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"repetition_penalty": repetition_penalty}
 
 
 def test_the_solution_agrees_with_transformers():
@@ -28,16 +25,6 @@ def test_the_solution_agrees_with_transformers():
     ids = torch.tensor([3, 7, 3, 12, 7, 7, 29])  # (T,)
     expected = RepetitionPenaltyLogitsProcessor(1.3)(ids[None], logits[None].clone())[0]
     torch.testing.assert_close(repetition_penalty(logits, ids, 1.3), expected, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("mistake", sorted(MISTAKES["repetition_penalty"]))
-def test_checker_rejects_each_mistake_and_names_it(mistake):
-    wrong, why = MISTAKES["repetition_penalty"][mistake]
-    assert len(MISTAKES["repetition_penalty"]) >= 2
-    for seed in (0, 1, 2, 3):
-        verdict = check_repetition_penalty(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (seed, str(verdict))
-        assert f"Hint: {why}" in str(verdict)
 
 
 def test_an_unknown_wrong_answer_gets_the_general_hint():

@@ -1,10 +1,9 @@
 """llmlab.exercises.nb09: the paged-slot checker accepts a solution written from the block-table rule
 (not llmlab's BlockManager), and rejects each recognized mistake, naming it."""
 
-import pytest
 import torch
 
-from llmlab.exercises import MISTAKES, check_paged_slot
+from llmlab.exercises import check_paged_slot
 from llmlab.paged_attention import PagedCacheConfig, PagedKVCache
 
 
@@ -13,11 +12,9 @@ def paged_slot(block_table, block_size, p):
     return block_table[block] * block_size + offset
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(seed, capsys):
-    verdict = check_paged_slot(paged_slot, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith("PASS [paged_slot] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"paged_slot": paged_slot}
 
 
 def test_the_solution_finds_each_token_in_a_paged_kv_cache():
@@ -32,15 +29,6 @@ def test_the_solution_finds_each_token_in_a_paged_kv_cache():
     table = cache.manager.block_table(1)
     pool = cache.key_cache.flatten(0, 1)  # (slots, K, D)
     assert [pool[paged_slot(table, 4, p)].item() for p in range(10)] == [100.0 + p for p in range(10)]
-
-
-@pytest.mark.parametrize("mistake", sorted(MISTAKES["paged_slot"]))
-def test_checker_rejects_each_mistake_and_names_it(mistake):
-    wrong, why = MISTAKES["paged_slot"][mistake]
-    for seed in (0, 1, 2, 3):
-        verdict = check_paged_slot(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (seed, str(verdict))
-        assert f"Hint: {why}" in str(verdict)
 
 
 def test_an_unknown_wrong_answer_gets_the_general_hint():

@@ -3,11 +3,10 @@ from the formulas (not llmlab's reference) and reject each recognized mistake, n
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab.exercises import MISTAKES, check_online_softmax, check_tiled_attention
+from llmlab.exercises import check_online_softmax, check_tiled_attention
 
 
 def online_softmax(x, block_size):
@@ -34,17 +33,9 @@ def tiled_attention(q, k, v, block_size):
     return o / l
 
 
-SOLUTIONS = {"online_softmax": (check_online_softmax, online_softmax),
-             "tiled_attention": (check_tiled_attention, tiled_attention)}
-
-
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"online_softmax": online_softmax, "tiled_attention": tiled_attention}
 
 
 def test_the_solutions_agree_with_torch():
@@ -55,22 +46,6 @@ def test_the_solutions_agree_with_torch():
     k, v = torch.randn(2, 50, 16, generator=g, dtype=torch.float64)  # (S, D) each
     torch.testing.assert_close(tiled_attention(q, k, v, 8), F.scaled_dot_product_attention(q, k, v),
                                rtol=1e-12, atol=1e-12)
-
-
-CASES = [(name, mistake) for name in sorted(SOLUTIONS) for mistake in sorted(MISTAKES[name])]
-
-
-@pytest.mark.parametrize(("name", "mistake"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_checker_rejects_each_mistake_and_names_it(name, mistake):
-    check = SOLUTIONS[name][0]
-    wrong, why = MISTAKES[name][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-
-
-def test_each_checker_knows_at_least_two_mistakes():
-    assert all(len(MISTAKES[name]) >= 2 for name in SOLUTIONS)
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():

@@ -3,7 +3,7 @@
 
 import pytest
 
-from llmlab.exercises import MISTAKES, check_lora_parameters
+from llmlab.exercises import check_lora_parameters
 
 
 def lora_parameters(hidden_size, intermediate_size, n_layer, n_head, n_kv_head, r, target_modules):
@@ -14,11 +14,9 @@ def lora_parameters(hidden_size, intermediate_size, n_layer, n_head, n_kv_head, 
     return n_layer * sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules)
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(seed, capsys):
-    verdict = check_lora_parameters(lora_parameters, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith("PASS [lora_parameters] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"lora_parameters": lora_parameters}
 
 
 def test_the_solution_agrees_with_peft_on_a_transformers_llama():
@@ -31,15 +29,6 @@ def test_the_solution_agrees_with_peft_on_a_transformers_llama():
     model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=4, target_modules=list(targets)))
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable == lora_parameters(32, 80, 2, 4, 2, 4, targets)
-
-
-@pytest.mark.parametrize("mistake", sorted(MISTAKES["lora_parameters"]))
-def test_checker_rejects_each_mistake_and_names_it(mistake):
-    wrong, why = MISTAKES["lora_parameters"][mistake]
-    for seed in (0, 1, 2, 3):
-        verdict = check_lora_parameters(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (seed, str(verdict))
-        assert f"Hint: {why}" in str(verdict)
 
 
 def test_an_unknown_wrong_answer_gets_the_general_hint():

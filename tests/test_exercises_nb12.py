@@ -2,11 +2,10 @@
 from the definitions (not llmlab's reference), agree with llmlab's models, and reject each recognized
 mistake, naming it."""
 
-import pytest
 import torch
 
 from llmlab.adapters import BottleneckAdapter
-from llmlab.exercises import MISTAKES, check_bottleneck_adapter, check_soft_prompt_inputs
+from llmlab.exercises import check_bottleneck_adapter, check_soft_prompt_inputs
 from llmlab.model import LLM, ModelConfig
 from llmlab.peft_utils import decoder_layers, input_embedding
 from llmlab.prompt_tuning import PromptConfig, SoftPromptModel
@@ -25,17 +24,9 @@ def bottleneck_adapter(h, w_down, b_down, w_up, b_up):
     return h + z @ w_up.T + b_up  # (B, T, C)
 
 
-SOLUTIONS = {"soft_prompt_inputs": (check_soft_prompt_inputs, soft_prompt_inputs),
-             "bottleneck_adapter": (check_bottleneck_adapter, bottleneck_adapter)}
-
-
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on 5 fresh inputs")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"soft_prompt_inputs": soft_prompt_inputs, "bottleneck_adapter": bottleneck_adapter}
 
 
 def test_the_soft_prompt_solution_feeds_the_model_what_soft_prompt_model_feeds_it():
@@ -68,19 +59,6 @@ def test_the_adapter_solution_equals_llmlab_bottleneck_adapter():
     got = bottleneck_adapter(h, adapter.adapter_down.weight.detach(), adapter.adapter_down.bias.detach(),
                              adapter.adapter_up.weight.detach(), adapter.adapter_up.bias.detach())
     torch.testing.assert_close(got, expected)
-
-
-CASES = [(name, mistake) for name in sorted(SOLUTIONS) for mistake in sorted(MISTAKES[name])]
-
-
-@pytest.mark.parametrize(("name", "mistake"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_checker_rejects_each_mistake_and_names_it(name, mistake):
-    check = SOLUTIONS[name][0]
-    wrong, why = MISTAKES[name][mistake]
-    for seed in (0, 1, 2, 3):
-        verdict = check(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (seed, str(verdict))
-        assert f"Hint: {why}" in str(verdict)
 
 
 def test_an_unknown_wrong_answer_gets_the_general_hint():

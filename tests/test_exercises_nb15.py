@@ -35,27 +35,15 @@ def zero_bytes(psi, n, stage):
     return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
 
 
-@pytest.mark.parametrize("solution", [ring_all_reduce, ring_from_the_formula])
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"ring_all_reduce": ring_all_reduce, "zero_bytes": zero_bytes}
+
+
 @pytest.mark.parametrize("seed", [0, 1, None])
-def test_ring_all_reduce_accepts_a_correct_ring(solution, seed, capsys):
-    assert ex.check_ring_all_reduce(solution, seed=seed)
+def test_ring_all_reduce_accepts_the_answer_from_the_formula_too(seed, capsys):
+    assert ex.check_ring_all_reduce(ring_from_the_formula, seed=seed)
     assert capsys.readouterr().out.startswith("PASS [ring_all_reduce] matches the reference on 5 fresh inputs")
-
-
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_zero_bytes_accepts_the_papers_formulas(seed, capsys):
-    assert ex.check_zero_bytes(zero_bytes, seed=seed)
-    assert capsys.readouterr().out.startswith("PASS [zero_bytes] matches the reference on 8 fresh inputs")
-
-
-@pytest.mark.parametrize("name", ["ring_all_reduce", "zero_bytes"])
-def test_each_checker_names_at_least_two_mistakes_and_rejects_them(name):
-    mistakes = ex.MISTAKES[name]
-    assert len(mistakes) >= 2
-    for wrong, why in mistakes.values():
-        for seed in (0, 1, 2):
-            verdict = getattr(ex, f"check_{name}")(wrong, seed=seed, verbose=False)
-            assert not verdict and verdict.hint == why
 
 
 def test_ring_with_an_in_place_learner_still_compares_fresh_inputs():

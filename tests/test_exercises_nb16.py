@@ -1,10 +1,7 @@
 """llmlab.exercises.nb16 (notebook 16): the SFT-label and packing checkers accept correct solutions
 written from the definitions (not llmlab.sft) and reject each listed mistake, naming it."""
 
-import pytest
 import torch
-
-from llmlab import exercises as ex
 
 
 def sft_labels(prompt_ids, response_ids, eos_id):
@@ -22,26 +19,9 @@ def packing(lengths):
     return positions, mask
 
 
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_sft_labels_accepts_prompt_masking(seed, capsys):
-    assert ex.check_sft_labels(sft_labels, seed=seed)
-    assert capsys.readouterr().out.startswith("PASS [sft_labels] matches the reference on 5 fresh inputs")
-
-
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_packing_accepts_a_block_diagonal_causal_mask(seed, capsys):
-    assert ex.check_packing(packing, seed=seed)
-    assert capsys.readouterr().out.startswith("PASS [packing] matches the reference on 5 fresh inputs")
-
-
-@pytest.mark.parametrize("name", ["sft_labels", "packing"])
-def test_each_checker_names_at_least_two_mistakes_and_rejects_them(name):
-    mistakes = ex.MISTAKES[name]
-    assert len(mistakes) >= 2
-    for wrong, why in mistakes.values():
-        for seed in (0, 1, 2):
-            verdict = getattr(ex, f"check_{name}")(wrong, seed=seed, verbose=False)
-            assert not verdict and verdict.hint == why
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"sft_labels": sft_labels, "packing": packing}
 
 
 def test_sft_labels_reference_is_llmlab_sft_example_on_a_rendered_chat():

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from llmlab.exercises import MISTAKES, check_bm25_scores, check_rrf
+from llmlab.exercises import check_bm25_scores, check_rrf
 
 
 def bm25_scores(query, documents, k1, b):
@@ -37,16 +37,9 @@ def rrf(rankings, k):
     return sorted(score, key=lambda d: (-score[d], d))
 
 
-SOLUTIONS = {"bm25_scores": (check_bm25_scores, bm25_scores), "rrf": (check_rrf, rrf)}
-
-
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on ")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"bm25_scores": bm25_scores, "rrf": rrf}
 
 
 def test_scores_may_come_back_as_an_array():
@@ -66,22 +59,6 @@ def test_the_bm25_solution_equals_bm25s():
 
 def test_the_rrf_solution_on_the_docstring_example():
     assert rrf([[1, 2, 3], [3, 1, 2]], 60) == [1, 3, 2]
-
-
-CASES = [(name, mistake) for name in sorted(SOLUTIONS) for mistake in sorted(MISTAKES[name])]
-
-
-@pytest.mark.parametrize(("name", "mistake"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_checker_rejects_each_mistake_and_names_it(name, mistake):
-    check = SOLUTIONS[name][0]
-    wrong, why = MISTAKES[name][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-
-
-def test_each_checker_knows_at_least_two_mistakes():
-    assert all(len(MISTAKES[name]) >= 2 for name in SOLUTIONS)
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():

@@ -5,7 +5,7 @@ naming it."""
 import pytest
 import torch
 
-from llmlab.exercises import MISTAKES, check_mla_cache_elements, check_speculative_accept
+from llmlab.exercises import check_mla_cache_elements, check_speculative_accept
 from llmlab.reference_configs import load_reference_config
 from llmlab.speculative import emitted_distribution
 
@@ -27,17 +27,9 @@ def mla_cache_elements(config):
     return mla, mha
 
 
-SOLUTIONS = {"speculative_accept": (check_speculative_accept, speculative_accept),
-             "mla_cache_elements": (check_mla_cache_elements, mla_cache_elements)}
-
-
-@pytest.mark.parametrize("name", sorted(SOLUTIONS))
-@pytest.mark.parametrize("seed", [0, 1, None])
-def test_checker_accepts_a_correct_solution(name, seed, capsys):
-    check, solution = SOLUTIONS[name]
-    verdict = check(solution, seed=seed)
-    assert verdict, str(verdict)
-    assert capsys.readouterr().out.startswith(f"PASS [{name}] matches the reference on ")
+# the solutions written from the formula; tests/test_exercises.py checks that each checker accepts
+# its solution and rejects every mistake it lists
+SOLUTIONS = {"speculative_accept": speculative_accept, "mla_cache_elements": mla_cache_elements}
 
 
 def test_a_float_acceptance_and_a_tensor_acceptance_both_pass():
@@ -64,22 +56,6 @@ def test_the_mla_solution_on_the_committed_deepseek_configs():
     for name in ("deepseek-v2", "deepseek-v3"):
         f = load_reference_config(name).fields
         assert mla_cache_elements(f) == (576, 32768) and 576 == 4.5 * f["v_head_dim"]
-
-
-CASES = [(name, mistake) for name in sorted(SOLUTIONS) for mistake in sorted(MISTAKES[name])]
-
-
-@pytest.mark.parametrize(("name", "mistake"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_checker_rejects_each_mistake_and_names_it(name, mistake):
-    check = SOLUTIONS[name][0]
-    wrong, why = MISTAKES[name][mistake]
-    for seed in (0, 1, 2, None):
-        verdict = check(wrong, seed=seed, verbose=False)
-        assert not verdict and verdict.hint == why, (mistake, seed, str(verdict))
-
-
-def test_each_checker_knows_at_least_two_mistakes():
-    assert all(len(MISTAKES[name]) >= 2 for name in SOLUTIONS)
 
 
 def test_an_unrecognized_wrong_answer_gets_the_general_hint():
