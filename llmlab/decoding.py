@@ -1,24 +1,11 @@
-"""Decoding: logits processors, greedy decoding, sampling and beam search over one small model interface.
+"""Decoding: greedy decoding, sampling and beam search over one small model interface.
 
 What it implements
-- Logits processors, each a pure function on scores (N, V): temperature, top-k, top-p (nucleus;
-  Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration"), min-p (Nguyen et al.
-  2024), the repetition penalty of CTRL (Keskar et al. 2019), OpenAI's frequency and presence
-  penalties, no-repeat n-gram blocking (as in fairseq) and a minimum-length rule that forbids EOS.
-  ``process_logits`` applies them in one fixed order, the order of transformers'
-  ``GenerationMixin._get_logits_processor``:
-
-      repetition penalty -> frequency / presence penalty -> no-repeat n-gram -> min-length (EOS)
-      -> [sampling only] temperature -> top-k -> top-p -> min-p
-
-  Penalties and bans change which token is best, so they act on every strategy; temperature and
-  the truncations only shape a distribution to sample from, so greedy decoding and beam search
-  skip them (transformers does the same when ``do_sample=False``).
-- ``DecodingModel``: the small interface the decoders drive, ``prefill`` / ``step`` / ``reorder``,
-  with adapters for llmlab's ``LLM`` (its ``KVCache``) and transformers causal LMs
-  (``past_key_values``). Every decoder runs on the cache: one token per model call after the prompt.
-  The config, the processors and the interface live in ``llmlab.generation`` (shared with
-  ``llmlab.beam_search``) and are re-exported here.
+- The decoders over ``llmlab.generation``, which holds what every decoder shares (the
+  ``GenerationConfig``, the logits processors applied by ``process_logits`` in transformers'
+  order, and the ``prefill`` / ``step`` / ``reorder`` model interface with its adapters); its
+  names are re-exported here. Every decoder runs on the cache: one token per model call after
+  the prompt.
 - ``greedy_search``, ``sample`` (multinomial with an explicit ``torch.Generator``) and
   ``beam_search`` (its own module, ``llmlab.beam_search``) with transformers' length penalty,
   ``early_stopping`` (True / False / "never"), EOS handling and ``num_return_sequences``;
