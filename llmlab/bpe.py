@@ -28,6 +28,9 @@ What it implements
 
 What it leaves out: GPT-2's byte-to-unicode display table (tokens are shown as ``bytes`` here),
 BPE dropout, and the Rust speed of tiktoken (``benchmarks/bench_tokenizer.py`` measures the gap).
+The split pattern runs on the ``regex`` module's Unicode tables, which can be newer than tiktoken's:
+a code point assigned in a recent Unicode version (a letter here, unassigned there) can be split
+differently; text in characters both tables know is encoded token for token as tiktoken does.
 
 Reference implementations followed: Karpathy's minbpe (``RegexTokenizer``, ``GPT4Tokenizer``)
 and OpenAI's tiktoken (``src/lib.rs``: ``byte_pair_encode``, special-token handling).
