@@ -37,3 +37,59 @@ def test_every_concept_module_docstring_has_the_style_guide_sections():
         assert re.search(r"^What it implements", doc, re.MULTILINE), f"llmlab.{name}: no 'What it implements'"
         assert re.search(r"[Ll]eaves? out|[Ll]eft out", doc), f"llmlab.{name}: no 'What it leaves out'"
         assert SOURCE.search(doc), f"llmlab.{name}: names no paper (year) or reference implementation"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """llmlab's modules (a subpackage counts as one) -> the llmlab modules they import, at the top
+    of the file or inside a function (a deferred import still ties the two modules together)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(llmlab.__file__).parent
+    files = {p.stem: [p] for p in root.glob("*.py") if p.stem != "__init__"}
+    files.update({d.name: sorted(d.glob("*.py")) for d in root.iterdir() if (d / "__init__.py").exists()})
+    graph = {name: set() for name in files}
+    for name, paths in files.items():
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                targets = []
+                if isinstance(node, ast.ImportFrom) and node.module == "llmlab":
+                    targets = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llmlab."):
+                    targets = [node.module.split(".")[1]]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name.split(".")[1] for a in node.names if a.name.startswith("llmlab.")]
+                graph[name] |= {t for t in targets if t in graph and t != name}
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None (depth-first search with a path stack)."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(graph[node]):
+            cycle = visit(nxt, path + [node])
+            if cycle:
+                return cycle
+        done.add(node)
+        return None
+
+    return next((c for c in (visit(n, []) for n in sorted(graph)) if c), None)
+
+
+def test_the_import_graph_of_the_package_has_no_cycles():
+    graph = _import_graph()
+    assert {"model", "attention", "decoding", "exercises"} <= set(graph)
+    assert "attention" in graph["model"] and "generation" in graph["beam_search"]  # the scan sees imports
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
